@@ -1,0 +1,73 @@
+"""Reading HF config.json files into one normalised form.
+
+transformers 4.x writes ``rope_theta`` / ``rope_scaling``; 5.x writes
+``rope_parameters: {rope_theta, rope_type, ...}`` and may say ``num_local_experts``.
+`normalize_config` folds both layouts into the 4.x keys so models read one form.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+from .errors import ConfigError
+
+FORMAT_VERSION = 1  # stamped into converted checkpoints as "qwen_mlx_format"
+
+_ALIASES = {"num_local_experts": "num_experts"}
+
+
+def normalize_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    cfg = dict(cfg)
+    for old, new in _ALIASES.items():
+        if old in cfg and new not in cfg:
+            cfg[new] = cfg[old]
+    rp = cfg.pop("rope_parameters", None)
+    if isinstance(rp, dict):
+        if "full_attention" in rp and isinstance(rp["full_attention"], dict):
+            rp = rp["full_attention"]  # per-layer-type layout; text families use one
+        rp = dict(rp)
+        if "rope_theta" in rp:
+            cfg.setdefault("rope_theta", rp.pop("rope_theta"))
+        rtype = rp.get("rope_type", rp.get("type", "default"))
+        if rtype != "default" or len(rp) > 1:
+            if rtype != "default" and cfg.get("rope_scaling") is None:
+                cfg["rope_scaling"] = rp
+            elif "mrope_section" in rp and cfg.get("rope_scaling") is None:
+                cfg["rope_scaling"] = rp
+        if "partial_rotary_factor" in rp:
+            cfg.setdefault("partial_rotary_factor", rp["partial_rotary_factor"])
+    rs = cfg.get("rope_scaling")
+    if isinstance(rs, dict):
+        rs = dict(rs)
+        if "type" in rs and "rope_type" not in rs:
+            rs["rope_type"] = rs["type"]
+        cfg["rope_scaling"] = rs
+    return cfg
+
+
+def read_json(path: Path, what: str = "file") -> Dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} is not a JSON object")
+    return data
+
+
+def load_config(model_dir: Path) -> Dict[str, Any]:
+    cfg = read_json(Path(model_dir) / "config.json", "config.json")
+    if not cfg.get("model_type"):
+        raise ConfigError(f"{Path(model_dir) / 'config.json'} has no 'model_type'")
+    return normalize_config(cfg)
+
+
+def require(cfg: Dict[str, Any], *keys: str) -> None:
+    missing = [k for k in keys if cfg.get(k) is None]
+    if missing:
+        raise ConfigError(
+            f"config for model_type '{cfg.get('model_type')}' lacks required keys: {', '.join(missing)}"
+        )

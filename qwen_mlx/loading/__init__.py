@@ -1,0 +1,1 @@
+"""Loading checkpoints: HF directories, converted directories and GGUF files."""

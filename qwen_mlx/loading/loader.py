@@ -1,0 +1,184 @@
+"""`load_model`: a checkpoint directory, a hub id or a GGUF file -> an MLX model."""
+
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..config import FORMAT_VERSION, load_config
+from ..errors import ConfigError, ModelNotFoundError, WeightsError
+from ..registry import get_family
+from .remap import remap_weights
+from .safetensors_io import load_file, shard_files
+
+Progress = Optional[Callable[[int, int, str], None]]
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.tiktoken", "*.model"]
+
+
+def resolve_model_path(path_or_id: Union[str, Path]) -> Path:
+    """A local directory/file, or a hub id fetched into the huggingface_hub cache."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        return p
+    s = str(path_or_id)
+    if s.count("/") != 1 or s.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"no such model file or directory: {s}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelNotFoundError(f"'{s}' is not a local path and huggingface_hub is not installed")
+    try:
+        return Path(snapshot_download(s, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(s, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"'{s}' is not a local path and could not be downloaded from the Hugging Face hub "
+            f"(offline or unknown repo?): {type(e).__name__}: {str(e)[:200]}"
+        ) from None
+
+
+def default_dtype(cfg: dict) -> mx.Dtype:
+    """float32 on the CPU backend (only float32 matmuls are fast there), else the checkpoint's."""
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").replace("torch.", "")
+    return {"float16": mx.float16, "float32": mx.float32}.get(name, mx.bfloat16)
+
+
+def _quant_params(cfg: dict, path: str) -> dict:
+    q = cfg.get("quantization") or {}
+    per = q.get(path)
+    return per if isinstance(per, dict) else {k: q[k] for k in ("mode",) if k in q}
+
+
+def quant_layout(cfg: dict, base: str, w: mx.array, s: mx.array, in_dims: int) -> dict:
+    """Bits and group size of a quantized triplet, read off the packed shapes
+    (``in_dims`` comes from the float model): packed = in * bits / 32, groups = in / group."""
+    params = _quant_params(cfg, base)
+    bits = params.get("bits") or (w.shape[-1] * 32) // in_dims
+    group = params.get("group_size") or in_dims // s.shape[-1]
+    if bits * in_dims != w.shape[-1] * 32 or group * s.shape[-1] != in_dims:
+        raise WeightsError(
+            f"quantized tensor '{base}': packed shape {tuple(w.shape)} with scales "
+            f"{tuple(s.shape)} does not fit input size {in_dims}"
+        )
+    return {"group_size": group, "bits": bits, "mode": params.get("mode", "affine")}
+
+
+def _quantize_modules(model: nn.Module, weights: Dict[str, mx.array], cfg: dict) -> None:
+    """Turn every module whose weights come as quantized triplets into its quantized form."""
+
+    def predicate(path, module):
+        if f"{path}.scales" not in weights or not hasattr(module, "to_quantized"):
+            return False
+        return quant_layout(cfg, path, weights[f"{path}.weight"], weights[f"{path}.scales"],
+                            module.weight.shape[-1])
+
+    nn.quantize(model, class_predicate=predicate)
+
+
+def dequantize_weights(model: nn.Module, weights: Dict[str, mx.array], dtype: mx.Dtype,
+                       cfg: dict) -> Dict[str, mx.array]:
+    """Replace quantized triplets by float weights (the fast path of MLX's CPU backend)."""
+    expected = dict(tree_flatten(model.parameters()))
+    out = dict(weights)
+    for name in [n for n in weights if n.endswith(".scales")]:
+        base = name[: -len(".scales")]
+        w, s, b = out.pop(f"{base}.weight", None), out.pop(name), out.pop(f"{base}.biases", None)
+        if w is None or f"{base}.weight" not in expected:
+            raise WeightsError(f"quantized tensor '{base}' has scales but no matching weight")
+        q = quant_layout(cfg, base, w, s, expected[f"{base}.weight"].shape[-1])
+        out[f"{base}.weight"] = mx.dequantize(w, s, b, **q).astype(dtype)
+    return out
+
+
+def _check_weights(model: nn.Module, weights: Dict[str, mx.array], where: str) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise WeightsError(f"{where}: missing tensors {', '.join(missing[:5])}{more}")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise WeightsError(f"{where}: unexpected tensors {', '.join(extra[:5])}{more}")
+    for name, w in weights.items():
+        if tuple(w.shape) != tuple(expected[name].shape):
+            raise WeightsError(
+                f"{where}: tensor '{name}' has shape {tuple(w.shape)}, expected {tuple(expected[name].shape)}"
+            )
+
+
+def build_model(cfg: dict) -> nn.Module:
+    family = get_family(cfg["model_type"])
+    try:
+        args = family.ModelArgs.from_config(cfg)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"invalid config for model_type '{cfg['model_type']}': {e}") from None
+    return family.Model(args)
+
+
+def _read_checkpoint(path: Path) -> Tuple[dict, Dict[str, mx.array], str]:
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import read_gguf
+        ck = read_gguf(path)
+        return ck.config, ck.weights, str(path)
+    if path.is_file():
+        raise ModelNotFoundError(f"{path} is a file; expected a checkpoint directory or a .gguf file")
+    cfg = load_config(path)
+    weights = {}
+    for f in shard_files(path):
+        weights.update(load_file(f))
+    if cfg.get("qwen_mlx_format", 0) > FORMAT_VERSION:
+        raise ConfigError(f"{path} was written by a newer qwen_mlx (format {cfg['qwen_mlx_format']})")
+    if "qwen_mlx_format" not in cfg:
+        get_family(cfg["model_type"])  # unknown model_type fails before remapping
+        weights = remap_weights(weights, cfg.get("num_experts") or 0, cfg.get("tie_word_embeddings", False))
+    return cfg, weights, str(path)
+
+
+def load_model(path_or_id: Union[str, Path], *, dtype: Optional[mx.Dtype] = None,
+               dequantize: Optional[bool] = None, lazy: bool = False,
+               progress: Progress = None, return_config: bool = False):
+    """Load a checkpoint. ``dequantize`` defaults to True on the CPU backend, where
+    float32 matmuls are the fast path; quantized weights stay quantized on GPU/Metal."""
+    path = resolve_model_path(path_or_id)
+    cfg, weights, where = _read_checkpoint(path)
+    dtype = dtype or default_dtype(cfg)
+    if dequantize is None:
+        dequantize = mx.default_device() == mx.cpu
+    model = build_model(cfg)
+    if dequantize:
+        weights = dequantize_weights(model, weights, dtype, cfg)
+    if any(n.endswith(".scales") for n in weights):
+        _quantize_modules(model, weights, cfg)
+    _check_weights(model, weights, where)
+    weights = {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v
+        for k, v in weights.items()
+    }
+    model.update(tree_unflatten(list(weights.items())))
+    if not lazy:
+        _materialize(model, progress)
+    model.eval()
+    return (model, cfg) if return_config else model
+
+
+def _materialize(model: nn.Module, progress: Progress) -> None:
+    layers = model.layers
+    total = len(layers) + 1
+    try:
+        for i, layer in enumerate(layers):
+            mx.eval(layer.parameters())
+            if progress:
+                progress(i + 1, total, "layers")
+        mx.eval(model.parameters())
+    except (RuntimeError, ValueError) as e:
+        raise WeightsError(f"failed to read weights: {e}") from None
+    if progress:
+        progress(total, total, "done")
