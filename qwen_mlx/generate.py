@@ -1,0 +1,150 @@
+"""Token generation: chunked prefill, on-device sampling, async-overlapped decode,
+streaming text with stop strings, and a prompt cache reused across turns.
+
+mlx-lm provides the KV caches, samplers and logits processors; this module
+only drives them.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .cache import can_trim_prompt_cache, trim_prompt_cache
+from .errors import PromptError
+from .generation_config import SamplingParams
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # tokens actually run through the model (prefix reuse skips the rest)
+    generated_tokens: int = 0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+    finish_reason: Optional[str] = None  # "stop" | "length"
+
+
+class PromptCache:
+    """A model's KV cache plus the tokens it holds, so the next request prefills
+    only what differs from the common prefix (chat turns, repeated system prompts)."""
+
+    def __init__(self, model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
+                 kv_group_size: int = 64):
+        self.model, self.settings = model, (max_kv_size, kv_bits, kv_group_size)
+        self.reset()
+
+    def reset(self):
+        max_kv, bits, group = self.settings
+        self.cache = self.model.make_cache(max_kv_size=max_kv, kv_bits=bits, kv_group_size=group)
+        self.tokens: List[int] = []
+
+    def reuse(self, prompt: Sequence[int]) -> int:
+        """Trim the cache to the longest common prefix with ``prompt`` (keeping at least
+        one prompt token to run); return how many prompt tokens are already cached."""
+        n = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1)
+        drop = len(self.tokens) - n
+        if drop and not (can_trim_prompt_cache(self.cache) and trim_prompt_cache(self.cache, drop) == drop):
+            self.reset()
+            return 0
+        self.tokens = self.tokens[:n]
+        return n
+
+
+def make_sampling(p: SamplingParams):
+    temp = p.temperature or 0.0
+    sampler = make_sampler(temp=temp, top_p=p.top_p or 0.0, min_p=p.min_p or 0.0,
+                           top_k=p.top_k or 0)
+    procs = make_logits_processors(
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty not in (None, 1.0) else None,
+        repetition_context_size=p.repetition_context_size,
+        presence_penalty=p.presence_penalty or None,
+        presence_context_size=p.repetition_context_size,
+    )
+    return sampler, procs
+
+
+def generate_tokens(model, prompt: Sequence[int], params: SamplingParams,
+                    prompt_cache: Optional[PromptCache] = None, eos_ids=(),
+                    prefill_step: int = 512, stats: Optional[GenerationStats] = None
+                    ) -> Iterator[int]:
+    """Yield sampled token ids until EOS (not yielded) or ``params.max_tokens``."""
+    prompt = list(prompt)
+    if not prompt:
+        raise PromptError("the prompt is empty")
+    limit = getattr(model, "context_length", None)
+    pc = prompt_cache or PromptCache(model)
+    if limit and len(prompt) >= limit and pc.settings[0] is None:
+        raise PromptError(f"the prompt has {len(prompt)} tokens; the model's context is {limit}")
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt)
+    max_tokens = params.max_tokens
+    if limit and pc.settings[0] is None:
+        max_tokens = min(max_tokens, limit - len(prompt))
+    if params.seed is not None:
+        mx.random.seed(params.seed)
+    sampler, procs = make_sampling(params)
+    eos_ids = set(eos_ids)
+
+    cached = pc.reuse(prompt)
+    todo = prompt[cached:]
+    stats.prefill_tokens = len(todo)
+    history = mx.array(prompt)
+    cache = pc.cache
+
+    def step(x: mx.array):
+        nonlocal history
+        logits = model(x[None], cache=cache)[:, -1, :]
+        if procs:
+            for p in procs:
+                logits = p(history, logits)
+        tok = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        return tok.squeeze(0)
+
+    t0 = time.perf_counter()
+    while len(todo) > prefill_step:
+        model(mx.array(todo[:prefill_step])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        pc.tokens += todo[:prefill_step]
+        todo = todo[prefill_step:]
+    y = step(mx.array(todo))
+    pc.tokens += todo
+    mx.async_eval(y)
+    n, t1 = 0, None
+    while n < max_tokens:
+        nxt = None
+        if n + 1 < max_tokens:  # overlap: queue step n+1 before reading token n
+            if procs:
+                history = mx.concatenate([history, y[None]])
+            nxt = step(y[None])
+            mx.async_eval(nxt)
+        tok = y.item()
+        if t1 is None:
+            t1 = time.perf_counter()
+            stats.prefill_tps = len(prompt[cached:]) / max(t1 - t0, 1e-9)
+        if tok in eos_ids:
+            stats.finish_reason = "stop"
+            if nxt is not None:
+                pc.tokens.append(tok)  # it was fed to the cache by the queued step
+            break
+        n += 1
+        stats.generated_tokens = n
+        if nxt is not None:
+            pc.tokens.append(tok)
+        yield tok
+        if nxt is None:
+            break
+        y = nxt
+    if stats.finish_reason is None:
+        stats.finish_reason = "length"
+    if t1 is not None and n > 1:
+        stats.decode_tps = (n - 1) / max(time.perf_counter() - t1, 1e-9)
+    stats.peak_memory_gb = mx.get_peak_memory() / 1e9
