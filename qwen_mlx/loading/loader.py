@@ -94,6 +94,9 @@ def dequantize_weights(model: nn.Module, weights: Dict[str, mx.array], dtype: mx
         if w is None or f"{base}.weight" not in expected:
             raise WeightsError(f"quantized tensor '{base}' has scales but no matching weight")
         q = quant_layout(cfg, base, w, s, expected[f"{base}.weight"].shape[-1])
+        # in float32: dequantize's output takes the scales' dtype (often float16)
+        s = s.astype(mx.float32) if mx.issubdtype(s.dtype, mx.floating) else s
+        b = b.astype(mx.float32) if b is not None else None
         out[f"{base}.weight"] = mx.dequantize(w, s, b, **q).astype(dtype)
     return out
 
