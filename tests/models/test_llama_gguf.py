@@ -3,19 +3,8 @@ transformers' GGUF loader, greedy tokens are identical, and it knows Paris."""
 
 import mlx.core as mx
 import numpy as np
-import pytest
 
-from tests.helpers import REL_TOL, hf_greedy, hf_logits, mlx_greedy, rel_err, torch_setup
-
-
-@pytest.fixture(scope="module")
-def hf_smollm2(smollm2_path):
-    torch = torch_setup()
-    pytest.importorskip("gguf")
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32).eval()
+from tests.helpers import REL_TOL, hf_greedy, hf_logits, mlx_greedy, rel_err
 
 
 def test_logits_and_greedy_match_transformers(smollm2, hf_smollm2):
