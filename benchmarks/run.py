@@ -98,10 +98,13 @@ def main():
         mx.random.seed(0)
         ours, theirs = build_pair(cfg, dtype, a.bits)
         prompt = [int(x) for x in mx.random.randint(0, cfg["vocab_size"], (a.prompt,)).tolist()]
+        impls = [("qwen_mlx", run_ours, ours), ("mlx_lm", run_mlx_lm, theirs)]
+        for _, fn, m in impls:  # warm-up, not counted
+            measure(fn, m, prompt[:64], 8)
         runs = {"qwen_mlx": [], "mlx_lm": []}
-        for _ in range(a.runs):  # interleaved
-            runs["qwen_mlx"].append(measure(run_ours, ours, prompt, a.gen))
-            runs["mlx_lm"].append(measure(run_mlx_lm, theirs, prompt, a.gen))
+        for r in range(a.runs):  # interleaved, order alternating each round
+            for key, fn, m in (impls if r % 2 == 0 else impls[::-1]):
+                runs[key].append(measure(fn, m, prompt, a.gen))
         med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill", "decode", "peak_gb")}
                for k, v in runs.items()}
         row = {"shape": name, **{f"{k}_{m}": round(v, 3) for k, d in med.items() for m, v in d.items()},

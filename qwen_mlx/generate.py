@@ -74,7 +74,7 @@ def make_sampling(p: SamplingParams):
 
 def generate_tokens(model, prompt: Sequence[int], params: SamplingParams,
                     prompt_cache: Optional[PromptCache] = None, eos_ids=(),
-                    prefill_step: int = 512, stats: Optional[GenerationStats] = None
+                    prefill_step: int = 2048, stats: Optional[GenerationStats] = None
                     ) -> Iterator[int]:
     """Yield sampled token ids until EOS (not yielded) or ``params.max_tokens``."""
     prompt = list(prompt)
@@ -110,11 +110,12 @@ def generate_tokens(model, prompt: Sequence[int], params: SamplingParams,
         return tok.squeeze(0)
 
     t0 = time.perf_counter()
-    while len(todo) > prefill_step:
-        model(mx.array(todo[:prefill_step])[None], cache=cache)
+    while len(todo) > 1:  # all but the last token: evaluate only the cache, so the lazy
+        n = min(prefill_step, len(todo) - 1)  # graph never computes their LM-head logits
+        model(mx.array(todo[:n])[None], cache=cache)
         mx.eval([c.state for c in cache])
-        pc.tokens += todo[:prefill_step]
-        todo = todo[prefill_step:]
+        pc.tokens += todo[:n]
+        todo = todo[n:]
     y = step(mx.array(todo))
     pc.tokens += todo
     mx.async_eval(y)

@@ -94,14 +94,14 @@ def check_text_parity(hf_model, tmp_path: Path, vocab: int, seq: int = 12, n_gen
 
 class ScriptedModel:
     """A stand-in model that emits a fixed token script (one-hot logits), advancing a real
-    KV cache so prompt-cache bookkeeping is exercised."""
+    KV cache so prompt-cache bookkeeping is exercised. Set ``prompt_len`` (tokens) first."""
 
     def __init__(self, script, vocab: int, context_length: int = 4096):
         import mlx.nn as nn
 
         self.script, self.vocab, self.context_length = list(script), vocab, context_length
         self.layers = [nn.Module()]
-        self.prompt_len = None
+        self.prompt_len = 0
 
     def make_cache(self, **kw):
         from mlx_lm.models.cache import KVCache
@@ -112,8 +112,6 @@ class ScriptedModel:
         B, L = x.shape
         c = cache[0]
         c.update_and_fetch(mx.zeros((B, 1, L, 8)), mx.zeros((B, 1, L, 8)))
-        if self.prompt_len is None:
-            self.prompt_len = c.offset
-        i = min(c.offset - self.prompt_len, len(self.script) - 1)
+        i = min(max(c.offset - self.prompt_len, 0), len(self.script) - 1)
         logits = mx.full((B, L, self.vocab), -1e9)
         return logits.at[:, :, self.script[i]].add(2e9)

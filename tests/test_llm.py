@@ -13,20 +13,25 @@ from tests.helpers import ScriptedModel
 CALL = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
 
 
-def scripted(tok, text):
-    ids = tok.encode(text) + [tok.token_to_id("<|im_end|>")]
+def scripted(tok, text=None, ids=None):
+    ids = (ids or tok.encode(text)) + [tok.token_to_id("<|im_end|>")]
     return LLM(ScriptedModel(ids, tok.vocab_size), tok, GenerationConfig(), path=None)
+
+
+def expect(llm, prompt):
+    """Tell the scripted model where the prompt ends."""
+    llm.model.prompt_len = len(llm.prepare(prompt)[0])
+    return prompt
 
 
 def test_thinking_answer_and_tool_calls(qwen_tokenizer):
     text = (f"<think>\nThe user wants weather.\n</think>\n\nLet me check.\n"
             f"<tool_call>\n{json.dumps(CALL)}\n</tool_call>")
     llm = scripted(qwen_tokenizer, text)
-    chunks = list(llm.stream("weather in Paris?", max_tokens=200))
+    chunks = list(llm.stream(expect(llm, "weather in Paris?"), max_tokens=200))
     reasoning = "".join(c.text for c in chunks if c.channel == "reasoning")
     assert reasoning.strip() == "The user wants weather."
     assert chunks[-1].finish_reason == "stop"
-    llm.model.prompt_len = None
     r = llm.chat("weather in Paris?", max_tokens=200)
     assert r.reasoning == "The user wants weather." and r.content == "Let me check."
     assert [(t.name, t.arguments) for t in r.tool_calls] == [(CALL["name"], CALL["arguments"])]
@@ -35,12 +40,12 @@ def test_thinking_answer_and_tool_calls(qwen_tokenizer):
 
 def test_generate_returns_answer_only(qwen_tokenizer):
     llm = scripted(qwen_tokenizer, "<think>hmm</think>Paris.")
-    assert llm.generate("capital?", max_tokens=50) == "Paris."
+    assert llm.generate(expect(llm, "capital?"), max_tokens=50) == "Paris."
 
 
 def test_stop_string_across_tokens(qwen_tokenizer):
     llm = scripted(qwen_tokenizer, "one two three four five")
-    chunks = list(llm.stream("count", stop=[" thr"], max_tokens=50))
+    chunks = list(llm.stream(expect(llm, "count"), stop=[" thr"], max_tokens=50))
     assert "".join(c.text for c in chunks) == "one two" and chunks[-1].finish_reason == "stop"
 
 
@@ -52,9 +57,8 @@ def test_multibyte_stream_never_splits(qwen_tokenizer):
     text = "héllo 你好 🌍🚀 ok"
     ids = [qwen_tokenizer.token_to_id(spell_bytes(bytes([b]))) for b in text.encode()]
     assert None not in ids
-    llm = LLM(ScriptedModel(ids + [qwen_tokenizer.token_to_id("<|im_end|>")], qwen_tokenizer.vocab_size),
-              qwen_tokenizer, GenerationConfig(), path=None)
-    pieces = [c.text for c in llm.stream("x", max_tokens=100)]
+    llm = scripted(qwen_tokenizer, ids=ids)
+    pieces = [c.text for c in llm.stream(expect(llm, "x"), max_tokens=100)]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert len([p for p in pieces if p]) > 5  # it really streamed

@@ -69,3 +69,30 @@ def test_qwen2_rope_parameters_layout(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     m4 = load_model(path, dtype=mx.float32)
     assert m5.args.rope_theta == m4.args.rope_theta == 5000.0
+
+
+def test_qwen2_rope_scaling_4x_layout_equals_5x(tmp_path):
+    """A hub-style config (rope_theta + rope_scaling {"type": "yarn"}) gives the same model as
+    transformers 5.x's rope_parameters (a silent default theta would still look plausible)."""
+    import json
+
+    import mlx.core as mx
+    import numpy as np
+
+    from qwen_mlx import load_model
+    from tests.helpers import hf_logits, perturb, rel_err, save_hf
+
+    hf = perturb(build(rope_theta=20000.0, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}))
+    path = save_hf(hf, tmp_path / "c")
+    ids = np.random.default_rng(2).integers(0, 320, size=(2, 30))
+    ref = hf_logits(hf, ids)
+    cfg = json.loads((path / "config.json").read_text())
+    rp = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    rp["type"] = rp.pop("rope_type")
+    cfg["rope_scaling"] = rp
+    (path / "config.json").write_text(json.dumps(cfg))
+    m = load_model(path, dtype=mx.float32)
+    assert m.args.rope_theta == 20000.0 and m.args.rope_scaling["rope_type"] == "yarn"
+    assert rel_err(np.array(m(mx.array(ids))), ref) <= 1e-4
