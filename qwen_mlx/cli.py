@@ -127,6 +127,9 @@ def chat(
             err.print("[dim]conversation reset[/]")
             continue
         if cmd == "/think":
+            if not getattr(llm.tokenizer, "has_thinking", False):
+                err.print("[dim]this model has no thinking mode[/]")
+                continue
             think = False if think in (None, True) else True
             err.print(f"[dim]thinking {'on' if think else 'off'}[/]")
             continue

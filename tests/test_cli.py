@@ -42,7 +42,7 @@ def test_chat_repl_commands(tiny_qwen3_dir):
     r = invoke(["chat", "-m", str(tiny_qwen3_dir), "-n", "4", "--temp", "0"],
                input="hello\n/think\nsecond turn\n/reset\n/bogus\nthird\n/quit\n")
     assert r.exit_code == 0, r.output
-    assert "thinking off" in r.stderr and "conversation reset" in r.stderr
+    assert "thinking off" in r.stderr and "conversation reset" in r.stderr  # Qwen3 vocab: has <think>
     assert "unknown command /bogus" in r.stderr
     lines = [l for l in r.stderr.splitlines() if "prefilled" in l]
     assert len(lines) == 3
@@ -86,3 +86,8 @@ def test_installed_entry_point(tiny_qwen3_dir):
                        capture_output=True, text=True, env=os.environ, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "generated 3 tok" in r.stderr
+
+
+def test_think_toggle_on_model_without_thinking(smollm2_path):
+    r = invoke(["chat"], input="/think\n/quit\n")
+    assert r.exit_code == 0 and "no thinking mode" in r.stderr
