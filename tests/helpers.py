@@ -115,3 +115,14 @@ class ScriptedModel:
         i = min(max(c.offset - self.prompt_len, 0), len(self.script) - 1)
         logits = mx.full((B, L, self.vocab), -1e9)
         return logits.at[:, :, self.script[i]].add(2e9)
+
+
+def gguf_dense(ck, name: str) -> np.ndarray:
+    """float32 numpy of a GGUF-read weight, dequantizing an MLX triplet with float32 scales."""
+    w, p = ck.weights, name.rsplit(".", 1)[0]
+    if not name.endswith(".weight") or p + ".scales" not in w:
+        return np.array(w[name].astype(mx.float32))
+    q = ck.config["quantization"]
+    bits = q.get(p, q)["bits"]
+    s, b = w[p + ".scales"].astype(mx.float32), w[p + ".biases"].astype(mx.float32)
+    return np.array(mx.dequantize(w[name], s, b, group_size=32, bits=bits))

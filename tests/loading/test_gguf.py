@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from qwen_mlx.errors import ConfigError, ModelNotFoundError, WeightsError
 from qwen_mlx.loading.gguf import GGUFCheckpoint, map_tensor_name, read_gguf
+from tests.helpers import gguf_dense
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 
@@ -33,16 +34,6 @@ def hf_model(hf_smollm2):
     return hf_smollm2
 
 
-def dense(ck: GGUFCheckpoint, name: str) -> np.ndarray:
-    w, p = ck.weights, name.rsplit(".", 1)[0]
-    if not name.endswith(".weight") or p + ".scales" not in w:
-        return np.array(w[name].astype(mx.float32))
-    q = ck.config["quantization"]
-    bits = q.get(p, q)["bits"]
-    s, b = w[p + ".scales"].astype(mx.float32), w[p + ".biases"].astype(mx.float32)
-    return np.array(mx.dequantize(w[name], s, b, group_size=32, bits=bits))
-
-
 def test_real_weights_match_transformers(ckpt, hf_model):
     sd = hf_model.state_dict()
     assert ckpt.config["tie_word_embeddings"] is True and "lm_head.weight" not in ckpt.weights
@@ -50,7 +41,7 @@ def test_real_weights_match_transformers(ckpt, hf_model):
     assert ours | {"lm_head.weight"} == set(sd)
     for k, ref in sd.items():
         src = "model.embed_tokens.weight" if k == "lm_head.weight" else k
-        np.testing.assert_allclose(dense(ckpt, src), ref.numpy(), **TOL, err_msg=k)
+        np.testing.assert_allclose(gguf_dense(ckpt, src), ref.numpy(), **TOL, err_msg=k)
 
 
 def test_real_layout_and_quantization(ckpt):

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as T, quants  # noqa: E402
 
 from qwen_mlx.errors import ConfigError, QwenMLXError, WeightsError  # noqa: E402
 from qwen_mlx.loading.gguf import read_gguf  # noqa: E402
+from tests.helpers import gguf_dense
 
 H, L, V, HEADS, KV = 64, 2, 160, 4, 2
 ARCHS = {
@@ -158,17 +159,6 @@ def write_gguf(path, arch, meta_drop=(), extra=None, types=None, alignment=None,
     return expected
 
 
-def as_float(ck, name):
-    """float32 numpy of an HF weight, dequantizing an MLX triplet with float32 scales."""
-    w, p = ck.weights, name.rsplit(".", 1)[0]
-    if not name.endswith(".weight") or p + ".scales" not in w:
-        return np.array(w[name].astype(mx.float32))
-    q = ck.config["quantization"]
-    bits = q.get(p, q)["bits"]
-    s, b = w[p + ".scales"].astype(mx.float32), w[p + ".biases"].astype(mx.float32)
-    return np.array(mx.dequantize(w[name], s, b, group_size=32, bits=bits))
-
-
 TOL = dict(rtol=1e-6, atol=1e-6)  # float32 rounding (measured: bit-exact)
 
 
@@ -186,7 +176,7 @@ def test_synthetic_matches_transformers(tmp_path, arch):
     names = {k.rsplit(".", 1)[0] + ".weight" if k.endswith((".scales", ".biases")) else k for k in ck.weights}
     assert names == set(expected)
     for name, x in expected.items():
-        np.testing.assert_allclose(as_float(ck, name), x, **TOL, err_msg=name)
+        np.testing.assert_allclose(gguf_dense(ck, name), x, **TOL, err_msg=name)
     quantized = {k.rsplit(".", 1)[0] for k in ck.weights if k.endswith(".scales")}
     assert len(quantized) == sum(t in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K) for t in TYPES[arch].values())
     if arch == "llama":  # BF16 kept exactly (mx.load alone would give float16 infs)
@@ -203,14 +193,14 @@ def test_synthetic_matches_transformers(tmp_path, arch):
     for k, ref in sd.items():
         if k.endswith("mlp.experts.gate_up_proj"):
             p = k.replace("experts.gate_up_proj", "switch_mlp.")
-            ours, used = np.concatenate([as_float(ck, p + "gate_proj.weight"), as_float(ck, p + "up_proj.weight")], 1), [p + "gate_proj.weight", p + "up_proj.weight"]
+            ours, used = np.concatenate([gguf_dense(ck, p + "gate_proj.weight"), gguf_dense(ck, p + "up_proj.weight")], 1), [p + "gate_proj.weight", p + "up_proj.weight"]
         elif k.endswith("mlp.experts.down_proj"):
             used = [k.replace("experts.down_proj", "switch_mlp.down_proj.weight")]
-            ours = as_float(ck, used[0])
+            ours = gguf_dense(ck, used[0])
         elif k == "lm_head.weight" and ck.config["tie_word_embeddings"]:
-            ours, used = as_float(ck, "model.embed_tokens.weight"), []
+            ours, used = gguf_dense(ck, "model.embed_tokens.weight"), []
         else:
-            ours, used = as_float(ck, k), [k]
+            ours, used = gguf_dense(ck, k), [k]
         seen.update(used)
         np.testing.assert_allclose(ours, ref, **TOL, err_msg=f"{arch}: {k}")
     assert seen == set(expected)
@@ -245,7 +235,7 @@ def test_q4k_is_exact_4bit_triplet(tmp_path):
     p = "model.layers.1.mlp.down_proj"
     assert ck.weights[p + ".weight"].dtype == mx.uint32 and ck.weights[p + ".weight"].shape == (H, 256 // 8)
     assert ck.weights[p + ".scales"].shape == (H, 256 // 32)
-    np.testing.assert_array_equal(as_float(ck, p + ".weight"), exp[p + ".weight"])
+    np.testing.assert_array_equal(gguf_dense(ck, p + ".weight"), exp[p + ".weight"])
 
 
 def test_alignment_and_config_defaults(tmp_path):
@@ -256,7 +246,7 @@ def test_alignment_and_config_defaults(tmp_path):
     assert read_header(path).alignment == 64
     ck = read_gguf(path)
     assert ck.config["rope_scaling"] is None
-    np.testing.assert_array_equal(as_float(ck, "model.norm.weight"), exp["model.norm.weight"])
+    np.testing.assert_array_equal(gguf_dense(ck, "model.norm.weight"), exp["model.norm.weight"])
     write_gguf(path, "qwen2", meta_drop=("attention.head_count_kv", "rope.freq_base", "rope.dimension_count"))
     c = read_gguf(path).config  # GGUF defaults: kv heads = heads, theta 10000, head_dim = hidden / heads
     assert (c["num_key_value_heads"], c["rope_theta"], c["head_dim"]) == (HEADS, 10000.0, H // HEADS)
