@@ -15,7 +15,18 @@ from mlx_lm.models.cache import (
 
 from .errors import QwenMLXError
 
-__all__ = ["make_cache", "can_trim_prompt_cache", "trim_prompt_cache", "cache_offset"]
+__all__ = ["RequestCache", "make_cache", "can_trim_prompt_cache", "trim_prompt_cache", "cache_offset"]
+
+
+class RequestCache(list):
+    """The per-layer KV caches of one request plus its per-request state: ``rope_delta``
+    (M-RoPE shift of positions after media: int or (B,) array; position = offset + delta)
+    and ``media`` (content keys of the images/videos inside the cached prefix)."""
+
+    def __init__(self, layers=()):
+        super().__init__(layers)
+        self.rope_delta = 0
+        self.media: List[str] = []
 
 
 def make_cache(model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
@@ -28,14 +39,14 @@ def make_cache(model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] 
     if max_kv_size is not None:
         if max_kv_size < 8:
             raise QwenMLXError(f"max_kv_size {max_kv_size} is too small (at least 8)")
-        return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in range(n)]
+        return RequestCache(RotatingKVCache(max_size=max_kv_size, keep=4) for _ in range(n))
     if kv_bits is not None:
         hd = model.args.head_dim
         kv_group_size = next((g for g in (kv_group_size, 64, 32) if hd % g == 0), None)
         if kv_group_size is None:
             raise QwenMLXError(f"cannot quantize the KV cache: head_dim {hd} is not a multiple of 32")
-        return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in range(n)]
-    return [KVCache() for _ in range(n)]
+        return RequestCache(QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in range(n))
+    return RequestCache(KVCache() for _ in range(n))
 
 
 def cache_offset(cache: List) -> int:

@@ -13,6 +13,7 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..config import require
+from .mrope import MRoPE, apply_rotary
 from .rope import make_rope
 
 
@@ -45,6 +46,9 @@ class DecoderArgs:
     shared_expert_intermediate_size: int = 0
     decoder_sparse_step: int = 1
     mlp_only_layers: List[int] = field(default_factory=list)
+    # M-RoPE (vision-language families): per-axis frequency sections, see mrope.py
+    mrope_section: Optional[List[int]] = None
+    mrope_interleaved: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict, **flags) -> "DecoderArgs":
@@ -74,6 +78,14 @@ class DecoderArgs:
             decoder_sparse_step=cfg.get("decoder_sparse_step") or 1,
             mlp_only_layers=list(cfg.get("mlp_only_layers") or []),
         )
+        rs = kw["rope_scaling"] or {}
+        if rs.get("mrope_section"):
+            kw["mrope_section"] = list(rs["mrope_section"])
+            kw["mrope_interleaved"] = bool(rs.get("mrope_interleaved", False))
+            if rs.get("rope_type", "default") not in ("default", "mrope"):
+                from ..errors import ConfigError
+                raise ConfigError(f"M-RoPE with rope_type '{rs.get('rope_type')}' is not supported")
+            kw["rope_scaling"] = None
         kw.update(flags)
         args = cls(**kw)
         if args.num_attention_heads % args.num_key_value_heads:
@@ -111,7 +123,8 @@ class Attention(nn.Module):
         self.qk_norm = args.qk_norm
         self.rope = make_rope(hd, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None, rope=None) -> mx.array:
+        """``rope``: precomputed ``(cos, sin)`` (M-RoPE); otherwise RoPE at the cache offset."""
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
@@ -119,8 +132,11 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        else:
+            offset = cache.offset if cache is not None else 0
+            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
@@ -192,8 +208,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x, mask=None, cache=None):
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x, mask=None, cache=None, rope=None):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, rope)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -204,16 +220,23 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        if args.mrope_section:
+            self.mrope = MRoPE(args.head_dim, args.rope_theta, args.mrope_section, args.mrope_interleaved)
 
-    def __call__(self, input_ids=None, cache=None, input_embeds=None):
+    def __call__(self, input_ids=None, cache=None, input_embeds=None, positions=None, deepstack=None):
+        """``positions`` (3, B, L): M-RoPE ids (None: text positions from the cache offset).
+        ``deepstack``: dense (B, L, D) additions after the first ``len(deepstack)`` layers."""
         h = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
         cache = cache or [None] * len(self.layers)
+        rope = self.mrope(positions) if positions is not None and self.args.mrope_section else None
         masks = {}
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             window = self.args.sliding_window if self.args.layer_type(i) == "sliding_attention" else None
             if window not in masks:
                 masks[window] = create_attention_mask(h, c, window_size=window)
-            h = layer(h, masks[window], c)
+            h = layer(h, masks[window], c, rope)
+            if deepstack is not None and i < len(deepstack):
+                h = h + deepstack[i]
         return self.norm(h)
 
 
@@ -230,8 +253,8 @@ class CausalLM(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, input_ids=None, cache=None, input_embeds=None):
-        h = self.model(input_ids, cache, input_embeds)
+    def __call__(self, input_ids=None, cache=None, input_embeds=None, positions=None, deepstack=None):
+        h = self.model(input_ids, cache, input_embeds, positions, deepstack)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
