@@ -3,6 +3,10 @@
 transformers 4.x writes ``rope_theta`` / ``rope_scaling``; 5.x writes
 ``rope_parameters: {rope_theta, rope_type, ...}`` and may say ``num_local_experts``.
 `normalize_config` folds both layouts into the 4.x keys so models read one form.
+
+Vision-language configs nest the language model in ``text_config`` (5.x, and Qwen3-VL on the
+hub) or keep its keys at the top level (4.x hub Qwen2-VL / Qwen2.5-VL); `fold_text_config`
+lifts a nested ``text_config`` to the top level, so every layout reads as the flat one.
 """
 
 import json
@@ -14,10 +18,29 @@ from .errors import ConfigError
 FORMAT_VERSION = 1  # stamped into converted checkpoints as "qwen_mlx_format"
 
 _ALIASES = {"num_local_experts": "num_experts"}
+VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# transformers 5.23: a tied text_config ties a Qwen2(.5)-VL model; Qwen3-VL reads only the top level
+_TIE_FROM_TEXT = ("qwen2_vl", "qwen2_5_vl")
+
+
+def fold_text_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """A VL config with ``text_config`` -> the flat layout: text keys at the top level (they
+    win over top-level duplicates, except ``model_type``), ``vision_config`` kept nested,
+    ``tie_word_embeddings`` resolved as transformers does. Other configs pass unchanged."""
+    text = cfg.get("text_config")
+    if cfg.get("model_type") not in VL_TYPES or not isinstance(text, dict):
+        return cfg
+    top = {k: v for k, v in cfg.items() if k != "text_config"}
+    out = {**top, **{k: v for k, v in text.items() if k not in ("model_type", "architectures")}}
+    tie = bool(top.get("tie_word_embeddings", False))
+    if cfg["model_type"] in _TIE_FROM_TEXT:
+        tie = tie or bool(text.get("tie_word_embeddings", False))
+    out["tie_word_embeddings"] = tie
+    return out
 
 
 def normalize_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    cfg = dict(cfg)
+    cfg = fold_text_config(dict(cfg))
     for old, new in _ALIASES.items():
         if old in cfg and new not in cfg:
             cfg[new] = cfg[old]

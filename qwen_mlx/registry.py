@@ -16,6 +16,10 @@ REGISTRY: Dict[str, str] = {
     "qwen2_moe": "qwen_mlx.models.qwen2_moe",
     "qwen3": "qwen_mlx.models.qwen3",
     "qwen3_moe": "qwen_mlx.models.qwen3_moe",
+    "qwen2_vl": "qwen_mlx.models.qwen2_vl",
+    "qwen2_5_vl": "qwen_mlx.models.qwen2_5_vl",
+    "qwen3_vl": "qwen_mlx.models.qwen3_vl",
+    "qwen3_vl_moe": "qwen_mlx.models.qwen3_vl_moe",
 }
 
 

@@ -12,9 +12,21 @@ from qwen_mlx.registry import model_types
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+# VL families: the 4.x flat layout (text keys at the top level) plus a tiny vision tower
+VISION2 = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+VISION25 = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                window_size=56, fullatt_block_indexes=[0])
+VISION3 = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+               num_position_embeddings=16, deepstack_visual_indexes=[0])
+VL2 = dict(rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
+VL3 = dict(head_dim=32, rope_scaling={"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True})
 # what each family needs beyond BASE; a registered type missing here fails the test below
 EXTRA = {"llama": {}, "qwen2": {}, "qwen3": {"head_dim": 32},
-         "qwen2_moe": {**MOE, "shared_expert_intermediate_size": 40}, "qwen3_moe": {**MOE, "head_dim": 32}}
+         "qwen2_moe": {**MOE, "shared_expert_intermediate_size": 40}, "qwen3_moe": {**MOE, "head_dim": 32},
+         "qwen2_vl": {**VL2, "vision_config": VISION2},
+         "qwen2_5_vl": {**VL2, "vision_config": VISION25},
+         "qwen3_vl": {**VL3, "vision_config": VISION3},
+         "qwen3_vl_moe": {**VL3, **MOE, "vision_config": VISION3}}
 
 
 def tiny(model_type):
