@@ -23,3 +23,8 @@ class TokenizerError(QwenMLXError):
 
 class PromptError(QwenMLXError):
     """An empty prompt, or one longer than the model's context."""
+
+
+class MediaError(QwenMLXError):
+    """An image or video that cannot be used: unreadable, truncated, corrupt, of an unsupported
+    format, too large to decode safely, or a video without frames."""
