@@ -28,3 +28,7 @@ class PromptError(QwenMLXError):
 class MediaError(QwenMLXError):
     """An image or video that cannot be used: unreadable, truncated, corrupt, of an unsupported
     format, too large to decode safely, or a video without frames."""
+
+
+class VisionInputError(MediaError):
+    """Pixel rows or grids that do not fit the vision tower."""

@@ -29,13 +29,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import ConfigError, QwenMLXError
+from ..errors import ConfigError, VisionInputError
 from ..models.mrope import apply_rotary
 from .inputs import TowerOutput
-
-
-class VisionInputError(QwenMLXError):
-    """Pixel rows or ``grid_thw`` that do not fit the vision tower."""
 
 
 ACTIVATIONS: Dict[str, Callable] = {
