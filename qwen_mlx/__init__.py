@@ -7,6 +7,7 @@
 
 from .errors import (
     ConfigError,
+    MediaError,
     ModelNotFoundError,
     PromptError,
     QwenMLXError,
@@ -26,4 +27,4 @@ def load(path_or_id=None, **kwargs):
 
 
 __all__ = ["load", "load_model", "QwenMLXError", "ConfigError", "ModelNotFoundError",
-           "PromptError", "TokenizerError", "WeightsError"]
+           "PromptError", "TokenizerError", "WeightsError", "MediaError"]
