@@ -1,27 +1,30 @@
 """Read a GGUF checkpoint into an HF-style config dict and HF-named MLX weights.
 
 `read_gguf(path)` validates the header with a pure-Python walker first (see
-`gguf_header`), then lets `mx.load` read the tensors. What `mx.load` returns per
-GGML type (mlx 0.32, measured):
+`gguf_header`), then reads the tensors. Per GGML type:
 
-- F32, F16, I8, I16, I32: plain arrays of that dtype.
-- BF16: converted to float16 (overflows past 65504), so we re-read the raw bits
-  as bfloat16.
-- Q4_0, Q4_1, Q8_0: MLX affine triplets (`weight` uint32, `scales`, `biases`
-  float16, group size 32, 4/4/8 bits), kept quantized.
-- Q2_K, Q6_K: dequantized to float16 (correct up to float16 rounding). Q6_K is
-  common (Q4_K_M files), so we dequantize it exactly to float32 ourselves.
-- Q4_K: dequantized to float16 but wrongly (the odd 32-element sub-blocks reuse
-  the even sub-block's scale and min), so we rebuild it from the raw blocks as an
-  exact 4-bit triplet with float32 scales/biases.
-- Anything else fails ("gguf_tensor_to_f16 failed") or is silently dropped
-  (TQ1_0, TQ2_0, MXFP4, ...): refused up front with a WeightsError.
+- F32, F16, I8, I16, I32: plain arrays of that dtype; BF16 re-read from its raw bits
+  (`mx.load` converts it to float16, which overflows past 65504).
+- Q4_0, Q4_1, Q8_0: kept as MLX affine triplets (`weight` uint32, `scales`, `biases`
+  float16, group size 32, 4/4/8 bits), exactly as `mx.load` returns them.
+- Q4_K: rebuilt from the raw blocks as an exact 4-bit triplet with float32 scales/biases
+  (`mx.load` decodes it wrongly: the odd 32-element sub-blocks reuse the even ones' scale).
+- Everything else MLX has no kernel for is dequantized exactly to float32, with a
+  `GGUFDequantizedWarning` naming the types and tensor counts: Q6_K by our own decoder,
+  Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, IQ*, TQ*, MXFP4 and NVFP4 by the `gguf` package's
+  `gguf.quants.dequantize` (llama.cpp's reference decoders in numpy).
+- Types nothing decodes (Q8_1, Q8_K, I64, F64, Q1_0) are refused up front.
+
+`mx.load` reads a whole file or fails on the first type it does not know, so it is used
+only when every tensor has a type it reads; otherwise Q4_0/Q4_1/Q8_0 blocks and plain
+tensors are decoded here (bit for bit what `mx.load` gives, tested).
 
 llama.cpp permutes the Q/K rows of `llama` checkpoints into the interleaved RoPE
 layout; we undo it so every family uses HF's rotate-half layout.
 """
 
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,7 @@ import numpy as np
 from ..errors import ConfigError, WeightsError
 from .gguf_header import GGUFHeader, TensorInfo, read_header
 
-__all__ = ["GGUFCheckpoint", "read_gguf", "GGUF_ARCHITECTURES", "map_tensor_name"]
+__all__ = ["GGUFCheckpoint", "GGUFDequantizedWarning", "read_gguf", "GGUF_ARCHITECTURES", "map_tensor_name"]
 
 # GGUF architecture -> (HF model_type, HF architectures entry)
 GGUF_ARCHITECTURES = {
@@ -80,10 +83,19 @@ _RULES = [
     for k, v in _NAMES.items()
 ]
 
-# GGML types mx.load reads correctly (or that we repair), and the bits of the quantized ones.
-_READABLE = {"F32", "F16", "BF16", "I8", "I16", "I32", "Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q4_K", "Q6_K"}
-_QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q4_K": 4}
+# GGML types mx.load reads (or that we repair); a file with any other type makes it fail.
+_MX_READABLE = {"F32", "F16", "BF16", "I8", "I16", "I32", "Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q4_K", "Q6_K"}
+_PLAIN = {"F32": "<f4", "F16": "<f2", "I8": "i1", "I16": "<i2", "I32": "<i4"}
+_QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q4_K": 4}  # kept as MLX triplets
+# dequantized to float32 by gguf.quants.dequantize (Q6_K by our own exact decoder)
+_DEQUANTIZED = {"Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+                "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4"}
+_READABLE = set(_PLAIN) | {"BF16", "Q6_K"} | set(_QUANT_BITS) | _DEQUANTIZED
 GROUP_SIZE = 32
+
+
+class GGUFDequantizedWarning(UserWarning):
+    """Tensors of GGML types MLX has no kernel for were dequantized to float32."""
 
 
 @dataclass
@@ -234,7 +246,7 @@ def _check_types(header: GGUFHeader) -> None:
     for t in header.tensors.values():
         if t.type_name not in _READABLE:
             raise WeightsError(
-                f"GGUF file {header.path}: tensor '{t.name}' has GGML type {t.type_name}, which MLX "
+                f"GGUF file {header.path}: tensor '{t.name}' has GGML type {t.type_name}, which qwen_mlx "
                 f"cannot read (readable: {', '.join(sorted(_READABLE))})"
             )
         if map_tensor_name(t.name) is None:
@@ -243,68 +255,135 @@ def _check_types(header: GGUFHeader) -> None:
 
 def _load(header: GGUFHeader) -> Dict[str, mx.array]:
     path = header.path
-    try:
-        raw = mx.load(str(path))
-    except (RuntimeError, ValueError, OSError) as e:
-        raise WeightsError(f"cannot read GGUF file {path}: {e}") from None
+    raw = None
+    if all(t.type_name in _MX_READABLE for t in header.tensors.values()):
+        try:
+            raw = mx.load(str(path))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise WeightsError(f"cannot read GGUF file {path}: {e}") from None
+    data = np.memmap(path, np.uint8, mode="r")
     out: Dict[str, mx.array] = {}
+    dense = Counter()
     for t in header.tensors.values():
-        if t.name not in raw:
-            raise WeightsError(f"GGUF file {path}: MLX returned no data for tensor '{t.name}' ({t.type_name})")
         stem = t.name[: -len(".weight")] if t.name.endswith(".weight") else t.name
-        parts = {t.name: raw.pop(t.name)}
-        if t.type_name in ("Q4_0", "Q4_1", "Q8_0"):
-            for s in ("scales", "biases"):
-                if f"{stem}.{s}" not in raw:
-                    raise WeightsError(f"GGUF file {path}: MLX returned no {s} for tensor '{t.name}'")
-                parts[f"{stem}.{s}"] = raw.pop(f"{stem}.{s}")
-        elif t.type_name == "Q4_K":
-            parts = dict(zip((t.name, f"{stem}.scales", f"{stem}.biases"), _q4k_triplet(path, t)))
-        elif t.type_name == "Q6_K":
-            parts[t.name] = _q6k_dense(path, t)
+        names = (t.name, f"{stem}.scales", f"{stem}.biases")
+        blocks = data[t.offset : t.offset + t.nbytes]
+        if t.type_name == "Q4_K":
+            parts = dict(zip(names, _q4k_triplet(blocks, t)))
         elif t.type_name == "BF16":
-            bits = np.fromfile(path, "<u2", count=t.nbytes // 2, offset=t.offset).reshape(t.shape)
-            parts[t.name] = mx.array(bits).view(mx.bfloat16)
+            parts = {t.name: mx.array(blocks.view("<u2").reshape(t.shape)).view(mx.bfloat16)}
+        elif raw is not None and t.type_name in {*_PLAIN, *_QUANT_BITS}:
+            parts = _from_mx_load(raw, t, names, path)
+        elif t.type_name in _PLAIN:
+            parts = {t.name: mx.array(blocks.view(_PLAIN[t.type_name]).reshape(t.shape))}
+        elif t.type_name in _QUANT_BITS:
+            parts = dict(zip(names, _q80_triplet(blocks, t) if t.type_name == "Q8_0" else _q4x_triplet(blocks, t)))
+        else:
+            dense[t.type_name] += 1
+            x = _q6k_dense(blocks, t) if t.type_name == "Q6_K" else _gguf_dequantize(blocks, t, path)
+            parts = {t.name: x}
         for k, v in parts.items():
             out[map_tensor_name(k)] = v
         if stem.endswith("ffn_gate_inp_shexp") and parts[t.name].ndim == 1:
             out[map_tensor_name(t.name)] = parts[t.name][None]  # HF: Linear(hidden, 1)
+    if dense:
+        kinds = ", ".join(f"{k} x{n}" for k, n in sorted(dense.items()))
+        warnings.warn(
+            f"GGUF file {path}: {sum(dense.values())} tensor(s) dequantized to float32 because MLX has no "
+            f"kernel for their GGML types ({kinds}); they take 4 bytes per weight in memory",
+            GGUFDequantizedWarning, stacklevel=3)
     return out
 
 
-def _q4k_triplet(path: Path, t: TensorInfo):
+def _from_mx_load(raw: Dict[str, mx.array], t: TensorInfo, names, path: Path) -> Dict[str, mx.array]:
+    keys = names if t.type_name in _QUANT_BITS else names[:1]
+    for k in keys:
+        if k not in raw:
+            raise WeightsError(f"GGUF file {path}: MLX returned no {k.rsplit('.', 1)[1]} for tensor '{t.name}' ({t.type_name})")
+    return {k: raw.pop(k) for k in keys}
+
+
+def _pack_nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Weights (..., 16) ``lo`` then (..., 16) ``hi`` (4-bit) -> MLX's (..., 4) uint32 words:
+    8 nibbles per little-endian word, the first weight in the low nibble."""
+    return np.ascontiguousarray(np.concatenate(
+        [lo[..., 0::2] | (lo[..., 1::2] << 4), hi[..., 0::2] | (hi[..., 1::2] << 4)], axis=-1)).view("<u4")
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view("<f2")[..., 0]
+
+
+def _q4x_triplet(blocks: np.ndarray, t: TensorInfo):
+    """Q4_0 (d, 16 bytes: w = d*(q - 8)) or Q4_1 (d, m, 16 bytes: w = d*q + m) blocks of 32
+    -> MLX 4-bit triplet with float16 scales/biases; byte j holds weight j (low nibble) and
+    weight j + 16 (high nibble)."""
+    lead = t.shape[:-1]
+    head = 2 if t.type_name == "Q4_0" else 4
+    b = blocks.reshape(-1, head + 16)
+    d = _f16(b[:, 0:2])
+    m = (d.astype(np.float32) * -8).astype(np.float16) if t.type_name == "Q4_0" else _f16(b[:, 2:4])
+    qs = b[:, head:]
+    w = _pack_nibbles(qs & 15, qs >> 4).reshape(*lead, -1)
+    return mx.array(w), mx.array(d.reshape(*lead, -1)), mx.array(m.reshape(*lead, -1))
+
+
+def _q80_triplet(blocks: np.ndarray, t: TensorInfo):
+    """Q8_0 blocks (d, 32 int8: w = d*q) -> MLX 8-bit triplet: q + 128 with bias -128*d."""
+    lead = t.shape[:-1]
+    b = blocks.reshape(-1, 34)
+    d = _f16(b[:, 0:2])
+    q = (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    w = np.ascontiguousarray(q).view("<u4").reshape(*lead, -1)
+    bias = (d.astype(np.float32) * -128).astype(np.float16)
+    return mx.array(w), mx.array(d.reshape(*lead, -1)), mx.array(bias.reshape(*lead, -1))
+
+
+def _gguf_dequantize(blocks: np.ndarray, t: TensorInfo, path: Path) -> mx.array:
+    try:
+        from gguf import GGMLQuantizationType, quants
+    except ImportError:
+        raise WeightsError(f"GGUF file {path}: tensor '{t.name}' has GGML type {t.type_name}; dequantizing it "
+                           f"needs the 'gguf' package (pip install gguf)") from None
+    try:
+        x = quants.dequantize(np.asarray(blocks).reshape(*t.shape[:-1], -1), GGMLQuantizationType[t.type_name])
+    except (NotImplementedError, KeyError, ValueError) as e:
+        raise WeightsError(f"GGUF file {path}: cannot dequantize tensor '{t.name}' ({t.type_name}) with the "
+                           f"installed gguf package: {e}") from None
+    return mx.array(np.ascontiguousarray(x, dtype=np.float32).reshape(t.shape))
+
+
+def _q4k_triplet(blocks: np.ndarray, t: TensorInfo):
     """Q4_K blocks -> exact MLX 4-bit affine triplet (group 32, float32 scales/biases).
 
     A Q4_K super-block holds 256 weights as 8 sub-blocks of 32: w = d*sc[j]*q - dmin*m[j],
     with 6-bit sc/m packed in 12 bytes and 4-bit q (low nibbles of 32 bytes, then high).
     """
-    b = np.fromfile(path, np.uint8, count=t.nbytes, offset=t.offset).reshape(-1, 144)
-    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
-    dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+    b = blocks.reshape(-1, 144)
+    d = _f16(b[:, 0:2])[:, None].astype(np.float32)
+    dmin = _f16(b[:, 2:4])[:, None].astype(np.float32)
     lo, hi, ex = b[:, 4:8], b[:, 8:12], b[:, 12:16]
     sc = np.concatenate([lo & 63, (ex & 15) | ((lo >> 6) << 4)], axis=1)
     mn = np.concatenate([hi & 63, (ex >> 4) | ((hi >> 6) << 4)], axis=1)
     qs = b[:, 16:].reshape(-1, 4, 32)
-    lo, hi = qs & 15, qs >> 4  # weights 64k..64k+31 and 64k+32..64k+63 of chunk k
-    # MLX packs 8 nibbles per little-endian uint32, first weight in the low nibble
-    packed = np.concatenate([lo[..., 0::2] | (lo[..., 1::2] << 4), hi[..., 0::2] | (hi[..., 1::2] << 4)], axis=-1)
+    packed = _pack_nibbles(qs & 15, qs >> 4)  # chunk k: weights 64k..64k+31 (low), 64k+32.. (high)
     lead = t.shape[:-1]
     return (
-        mx.array(np.ascontiguousarray(packed).view("<u4").reshape(*lead, t.shape[-1] // 8)),
+        mx.array(packed.reshape(*lead, t.shape[-1] // 8)),
         mx.array((d * sc).reshape(*lead, -1)),
         mx.array((-dmin * mn).reshape(*lead, -1)),
     )
 
 
-def _q6k_dense(path: Path, t: TensorInfo) -> mx.array:
+def _q6k_dense(blocks: np.ndarray, t: TensorInfo) -> mx.array:
     """Q6_K blocks -> float32: 256 weights = 16 sub-blocks of 16, w = d*sc[j]*(q - 32), with
     6-bit q split into 4 low bits (128 bytes) and 2 high bits (64 bytes), int8 sc, float16 d."""
-    b = np.fromfile(path, np.uint8, count=t.nbytes, offset=t.offset).reshape(-1, 210)
+    b = blocks.reshape(-1, 210)
     ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
     low = np.concatenate([ql & 15, ql >> 4], axis=-1)
     high = np.concatenate([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
     q = ((low | (high << 4)).astype(np.int8) - 32).reshape(-1, 16, 16)
-    d = b[:, 208:210].copy().view(np.float16).astype(np.float32)
+    d = _f16(b[:, 208:210])[:, None].astype(np.float32)
     scale = d * b[:, 192:208].view(np.int8).astype(np.float32)
     return mx.array((scale[..., None] * q).reshape(t.shape))
 

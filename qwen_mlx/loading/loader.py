@@ -51,24 +51,30 @@ def default_dtype(cfg: dict) -> mx.Dtype:
     return {"float16": mx.float16, "float32": mx.float32}.get(name, mx.bfloat16)
 
 
-def _quant_params(cfg: dict, path: str) -> dict:
+def _quant_params(cfg: dict, path: str):
+    """What config.json's ``quantization`` block (mlx-lm's layout) declares for ``path``:
+    its own entry (any of bits / group_size / mode; as in mlx-lm, an entry without a mode
+    is affine), False (explicitly unquantized), or else the global mode."""
     q = cfg.get("quantization") or {}
     per = q.get(path)
-    return per if isinstance(per, dict) else {k: q[k] for k in ("mode",) if k in q}
+    if per is False:
+        return False
+    if isinstance(per, dict):
+        return {"mode": "affine", **per}
+    return {"mode": q["mode"]} if "mode" in q else {}
 
 
-def quant_layout(cfg: dict, base: str, w: mx.array, s: mx.array, in_dims: int) -> dict:
-    """Bits and group size of a quantized triplet, read off the packed shapes
-    (``in_dims`` comes from the float model): packed = in * bits / 32, groups = in / group."""
-    params = _quant_params(cfg, base)
-    bits = params.get("bits") or (w.shape[-1] * 32) // in_dims
-    group = params.get("group_size") or in_dims // s.shape[-1]
-    if bits * in_dims != w.shape[-1] * 32 or group * s.shape[-1] != in_dims:
-        raise WeightsError(
-            f"quantized tensor '{base}': packed shape {tuple(w.shape)} with scales "
-            f"{tuple(s.shape)} does not fit input size {in_dims}"
-        )
-    return {"group_size": group, "bits": bits, "mode": params.get("mode", "affine")}
+def quant_layout(cfg: dict, base: str, w: mx.array, s: mx.array, in_dims: int,
+                 b: Optional[mx.array] = None) -> dict:
+    """Bits, group size and mode of a quantized triplet, read off the packed shapes
+    (``in_dims`` comes from the float model): packed = in * bits / 32, groups = in / group;
+    uint8 scales mean an fp mode (mxfp4 / nvfp4 / mxfp8), float scales affine."""
+    from ..quant.spec import QuantizationError, packed_spec
+
+    declared = _quant_params(cfg, base)
+    if declared is False:
+        raise QuantizationError(f"quantized tensor '{base}' is declared unquantized (false) in config.json")
+    return packed_spec(base, w, s, b, in_dims, declared).config()
 
 
 def _quantize_modules(model: nn.Module, weights: Dict[str, mx.array], cfg: dict) -> None:
@@ -78,7 +84,7 @@ def _quantize_modules(model: nn.Module, weights: Dict[str, mx.array], cfg: dict)
         if f"{path}.scales" not in weights or not hasattr(module, "to_quantized"):
             return False
         return quant_layout(cfg, path, weights[f"{path}.weight"], weights[f"{path}.scales"],
-                            module.weight.shape[-1])
+                            module.weight.shape[-1], weights.get(f"{path}.biases"))
 
     nn.quantize(model, class_predicate=predicate)
 
@@ -86,6 +92,8 @@ def _quantize_modules(model: nn.Module, weights: Dict[str, mx.array], cfg: dict)
 def dequantize_weights(model: nn.Module, weights: Dict[str, mx.array], dtype: mx.Dtype,
                        cfg: dict) -> Dict[str, mx.array]:
     """Replace quantized triplets by float weights (the fast path of MLX's CPU backend)."""
+    from ..quant.spec import QuantSpec, dequantize
+
     expected = dict(tree_flatten(model.parameters()))
     out = dict(weights)
     for name in [n for n in weights if n.endswith(".scales")]:
@@ -93,11 +101,8 @@ def dequantize_weights(model: nn.Module, weights: Dict[str, mx.array], dtype: mx
         w, s, b = out.pop(f"{base}.weight", None), out.pop(name), out.pop(f"{base}.biases", None)
         if w is None or f"{base}.weight" not in expected:
             raise WeightsError(f"quantized tensor '{base}' has scales but no matching weight")
-        q = quant_layout(cfg, base, w, s, expected[f"{base}.weight"].shape[-1])
-        # in float32: dequantize's output takes the scales' dtype (often float16)
-        s = s.astype(mx.float32) if mx.issubdtype(s.dtype, mx.floating) else s
-        b = b.astype(mx.float32) if b is not None else None
-        out[f"{base}.weight"] = mx.dequantize(w, s, b, **q).astype(dtype)
+        q = quant_layout(cfg, base, w, s, expected[f"{base}.weight"].shape[-1], b)
+        out[f"{base}.weight"] = dequantize({"weight": w, "scales": s, "biases": b}, QuantSpec(**q), dtype)
     return out
 
 
@@ -135,8 +140,9 @@ class Checkpoint:
     gguf_metadata: Optional[dict] = None
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read config and (lazy) weights in our layout, remapped from HF names if needed."""
+def load_checkpoint(path: Path, import_options=None) -> Checkpoint:
+    """Read config and (lazy) weights in our layout, remapped from HF names if needed.
+    GPTQ / AWQ / FP8 checkpoints are imported first (see `loading.imports.ImportOptions`)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import read_gguf
@@ -147,20 +153,24 @@ def load_checkpoint(path: Path) -> Checkpoint:
     cfg = load_config(path)
     if cfg.get("qwen_mlx_format", 0) > FORMAT_VERSION:
         raise ConfigError(f"{path} was written by a newer qwen_mlx (format {cfg['qwen_mlx_format']})")
-    get_family(cfg["model_type"])  # an unknown model_type fails before any weight is read
+    family = get_family(cfg["model_type"])  # an unknown model_type fails before any weight is read
     weights = {}
     for f in shard_files(path):
         weights.update(load_file(f))
     if "qwen_mlx_format" not in cfg:
-        weights = remap_weights(weights, cfg.get("num_experts") or 0, cfg.get("tie_word_embeddings", False))
+        from .imports import import_quantized
+        cfg, weights = import_quantized(cfg, weights, import_options, str(path))
+        weights = remap_weights(weights, cfg.get("num_experts") or 0, cfg.get("tie_word_embeddings", False),
+                                rules=getattr(family, "REMAP", None), cfg=cfg)
     return Checkpoint(cfg, weights, str(path))
 
 
 def model_from_checkpoint(ck: Checkpoint, *, dtype: Optional[mx.Dtype] = None,
                           dequantize: Optional[bool] = None, lazy: bool = False,
-                          progress: Progress = None) -> nn.Module:
+                          progress: Progress = None, fuse: bool = True) -> nn.Module:
     """Build the model and bind the weights. ``dequantize`` defaults to True on the CPU
-    backend, where float32 matmuls are the fast path; elsewhere weights stay quantized."""
+    backend, where float32 matmuls are the fast path; elsewhere weights stay quantized.
+    ``fuse``: q/k/v and gate/up as one projection each (models/fuse.py)."""
     cfg, weights = ck.config, ck.weights
     dtype = dtype or default_dtype(cfg)
     if dequantize is None:
@@ -176,6 +186,9 @@ def model_from_checkpoint(ck: Checkpoint, *, dtype: Optional[mx.Dtype] = None,
         for k, v in weights.items()
     }
     model.update(tree_unflatten(list(weights.items())))
+    if fuse:
+        from ..models.fuse import fuse_projections
+        fuse_projections(model)
     if not lazy:
         _materialize(model, progress)
     model.eval()

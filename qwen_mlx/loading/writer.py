@@ -1,14 +1,23 @@
 """Writing checkpoints in our layout: remapped names, stamped ``qwen_mlx_format`` (so a
 loader never guesses whether names were already mapped), sharded safetensors, and the
-tokenizer/generation files. Written into a temp dir beside DST, renamed at the end: an
-interrupted write leaves no DST."""
+tokenizer/generation files.
 
+Crash safety: everything is written into a temp dir beside DST (``.DST.partial-PID-*``)
+that is renamed to DST at the very end, so a write killed at any moment leaves no DST;
+the next write to the same DST removes temp dirs whose process is gone. Shards go out
+through Python file objects and are fsync'ed, so a full disk surfaces as an error
+(``mx.save_safetensors`` given a path ignores failed writes) and the temp dir is removed.
+"""
+
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, List, Optional
 
 import mlx.core as mx
 
@@ -18,54 +27,148 @@ from .loader import Checkpoint
 
 SHARD_BYTES = 5 << 30
 _COPY = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json",
-         "chat_template.jinja", "chat_template.json", "special_tokens_map.json", "qwen.tiktoken")
+         "chat_template.jinja", "chat_template.json", "special_tokens_map.json", "added_tokens.json",
+         "qwen.tiktoken", "preprocessor_config.json", "processor_config.json",
+         "video_preprocessor_config.json")
 
 
-def _shards(weights: Dict[str, mx.array], limit: int):
-    shard, size = {}, 0
-    for k in sorted(weights):
-        if shard and size + weights[k].nbytes > limit:
-            yield shard
-            shard, size = {}, 0
-        shard[k] = weights[k]
-        size += weights[k].nbytes
-    if shard:
-        yield shard
+class DestinationExistsError(QwenMLXError):
+    """DST exists and overwriting was not asked for."""
+
+
+class WriteError(QwenMLXError):
+    """Writing the output failed (disk full, permissions); nothing was left behind."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(dst: Path) -> List[Path]:
+    """Remove temp dirs of earlier writes to ``dst`` whose process is gone."""
+    pat = re.compile(rf"^\.{re.escape(dst.name)}\.(?:partial|old)-(\d+)-")
+    gone = []
+    for p in dst.parent.glob(f".{dst.name}.*"):
+        m = pat.match(p.name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
+@contextmanager
+def staged_dir(dst, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir that becomes ``dst`` when the block ends without error."""
+    dst = Path(dst)
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise DestinationExistsError(f"{dst} exists (pass overwrite=True / --overwrite to replace it)")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(dst)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
+    except OSError as e:
+        raise WriteError(f"cannot create the output next to {dst}: {e}") from None
+    try:
+        yield tmp
+        if dst.exists() or dst.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-{os.getpid()}-", dir=dst.parent))
+            os.replace(dst, old / "x")
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteError(f"no space left on the device while writing {dst} "
+                             f"(the partial output was removed): {e}") from None
+        raise WriteError(f"cannot write {dst} (the partial output was removed): {e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_shard(path: Path, arrays: Dict[str, mx.array]) -> None:
+    with open(path, "wb") as f:
+        mx.save_safetensors(f, arrays, metadata={"format": "mlx"})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class ShardWriter:
+    """Append tensors; a shard is written when adding one more would pass ``shard_bytes``
+    (a tensor larger than that gets a shard of its own). `close` names the files
+    ``model-0000i-of-0000N.safetensors`` (or ``model.safetensors``) and writes the index."""
+
+    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES):
+        self.folder, self.shard_bytes = Path(folder), shard_bytes
+        self.pending: Dict[str, mx.array] = {}
+        self.pending_bytes = self.total_bytes = 0
+        self.files: List[str] = []
+        self.index: Dict[str, int] = {}
+
+    def add(self, tensors: Dict[str, mx.array]) -> None:
+        mx.eval(list(tensors.values()))
+        for k, v in tensors.items():
+            if self.pending and self.pending_bytes + v.nbytes > self.shard_bytes:
+                self.flush()
+            self.pending[k] = v
+            self.pending_bytes += v.nbytes
+            self.total_bytes += v.nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"shard-{len(self.files) + 1:05d}.safetensors"
+        _write_shard(self.folder / name, self.pending)
+        self.index.update({k: len(self.files) for k in self.pending})
+        self.files.append(name)
+        self.pending, self.pending_bytes = {}, 0
+        mx.clear_cache()  # MLX keeps freed buffers for reuse: give them back per shard
+
+    def close(self) -> List[str]:
+        self.flush()
+        n = len(self.files)
+        final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for a, b in zip(self.files, final):
+            os.replace(self.folder / a, self.folder / b)
+        if n > 1:
+            wmap = {k: final[i] for k, i in sorted(self.index.items())}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": self.total_bytes}, "weight_map": wmap}, indent=1))
+        self.files = final
+        return final
+
+
+def write_side_files(ck: Checkpoint, src: Path, out: Path, config: dict) -> None:
+    """config.json (stamped) plus the tokenizer / generation files of the source."""
+    cfg = {**config, "qwen_mlx_format": FORMAT_VERSION}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    if ck.gguf_metadata is not None:
+        _write_gguf_tokenizer(ck.gguf_metadata, out)
+        return
+    for f in _COPY:
+        if (Path(src) / f).exists():
+            shutil.copy2(Path(src) / f, out / f)
 
 
 def save_checkpoint(ck: Checkpoint, src: Path, dst: Path, *, overwrite: bool = False,
                     shard_bytes: int = SHARD_BYTES, config_updates: Optional[dict] = None) -> Path:
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise QwenMLXError(f"{dst} exists (pass overwrite=True / --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        names = list(_shards(ck.weights, shard_bytes))
-        index = {}
-        for i, shard in enumerate(names):
-            fname = "model.safetensors" if len(names) == 1 else f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
-            mx.save_safetensors(str(tmp / fname), shard, metadata={"format": "mlx"})
-            index.update({k: fname for k in shard})
-        if len(names) > 1:
-            total = sum(w.nbytes for w in ck.weights.values())
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": index}, indent=1))
-        cfg = {**ck.config, **(config_updates or {}), "qwen_mlx_format": FORMAT_VERSION}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
-        if ck.gguf_metadata is not None:
-            _write_gguf_tokenizer(ck.gguf_metadata, tmp)
-        else:
-            for f in _COPY:
-                if (Path(src) / f).exists():
-                    shutil.copy2(Path(src) / f, tmp / f)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+    """Lossless: every tensor as read (quantized ones stay packed), one at a time.
+    Consumes ``ck.weights`` (emptied as written) so memory stays near one shard."""
+    with staged_dir(dst, overwrite=overwrite) as tmp:
+        w = ShardWriter(tmp, shard_bytes)
+        for k in sorted(ck.weights):
+            w.add({k: ck.weights.pop(k)})
+        w.close()
+        write_side_files(ck, src, tmp, {**ck.config, **(config_updates or {})})
+    return Path(dst)
 
 
 def _write_gguf_tokenizer(meta: dict, out: Path) -> None:

@@ -95,15 +95,19 @@ def llama_cpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# float16 fields (byte offset in a block -> value) of the types gguf cannot quantize: small,
+# finite scales so random blocks decode to sane weights
+F16_FIELDS = {T.Q4_K: {0: 0.01, 2: 0.02}, T.Q6_K: {208: 0.003}, T.Q2_K: {80: 0.01, 82: 0.02}, T.Q3_K: {108: 0.01},
+              T.Q5_K: {0: 0.01, 2: 0.02}, T.IQ4_NL: {0: 0.01}, T.IQ4_XS: {0: 0.01}, T.IQ2_XXS: {0: 0.01},
+              T.IQ3_S: {0: 0.01}, T.NVFP4: {}, T.Q8_K: {}}
+
+
 def k_blocks(rng, qtype, rows, cols):
-    """Random K-quant blocks with small, finite float16 super-block scales."""
-    _, size = gguf.GGML_QUANT_SIZES[qtype]
-    b = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
-    f16 = lambda v: np.full(b.shape[:2], v, np.float16)[..., None].view(np.uint8)  # noqa: E731
-    if qtype == T.Q4_K:
-        b[..., 0:2], b[..., 2:4] = f16(0.01), f16(0.02)
-    else:  # Q6_K: d is the last field
-        b[..., -2:] = f16(0.003)
+    """Random blocks of a type gguf cannot quantize, with small finite float16 scales."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for off, v in F16_FIELDS[qtype].items():
+        b[..., off:off + 2] = np.full(b.shape[:2], v, np.float16)[..., None].view(np.uint8)
     return b.reshape(rows, -1)
 
 
@@ -145,13 +149,14 @@ def write_gguf(path, arch, meta_drop=(), extra=None, types=None, alignment=None,
             w.add_tensor(gname, stored.astype(np.float16))
             expected[hname] = x.astype(np.float16).astype(np.float32)
             continue
-        if t in (T.Q4_K, T.Q6_K):
+        if t in F16_FIELDS:
             assert not n_head
             raw = k_blocks(rng, t, int(np.prod(shape[:-1])), shape[-1]).reshape(*shape[:-1], -1)
         else:
             raw, hf_raw = quants.quantize(stored, t), quants.quantize(x, t)
         w.add_tensor(gname, raw, raw_shape=raw.shape, raw_dtype=t)
-        expected[hname] = quants.dequantize(hf_raw if n_head else raw, t).astype(np.float32)
+        if t != T.Q8_K:  # gguf cannot decode Q8_K (a type only used for intermediate products)
+            expected[hname] = quants.dequantize(hf_raw if n_head else raw, t).astype(np.float32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -305,10 +310,11 @@ def test_missing_moe_key(tmp_path):
         read_gguf(path)
 
 
-def test_unreadable_ggml_type(tmp_path):
-    path = tmp_path / "q5.gguf"
-    write_gguf(path, "qwen2", types={"blk.1.attn_v.weight": T.Q5_0})
-    with pytest.raises(WeightsError, match=r"blk\.1\.attn_v\.weight.*Q5_0") as e:
+def test_undecodable_ggml_type(tmp_path):
+    """Q5_0 and friends are dequantized now (test_gguf_types); types nothing decodes are refused."""
+    path = tmp_path / "q8k.gguf"
+    write_gguf(path, "llama", types={"blk.1.ffn_down.weight": T.Q8_K})
+    with pytest.raises(WeightsError, match=r"blk\.1\.ffn_down\.weight.*GGML type Q8_K") as e:
         read_gguf(path)
     assert str(path) in str(e.value)
 
