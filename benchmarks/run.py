@@ -1,20 +1,31 @@
-"""qwen_mlx vs mlx-lm on the same model shapes and the same (random) weights, same backend,
-interleaved runs in one process, median of N. Prints prefill / decode tok/s, peak memory
-and the ratio.
+"""qwen_mlx vs mlx-lm's own model classes: same shapes, same (random) weights, same
+backend, interleaved runs in one process (order alternating), median of N. Prints
+prefill / decode tok/s, the ratios, peak MLX memory, process RSS, and decode against
+the memory-bandwidth bound (weight + KV bytes read per token / measured copy bandwidth).
 
-    python benchmarks/run.py                 # Qwen3-0.6B and Qwen2.5-0.5B shapes, float32
-    python benchmarks/run.py --quick         # 4 layers per model (CPU: a few minutes)
-    python benchmarks/run.py --shapes qwen3-moe --bits 4 --dtype bfloat16
+    python benchmarks/run.py                      # `make bench`: the CPU-sized set (~10 min)
+    python benchmarks/run.py --full               # full-depth shapes, bf16 and 4-bit (GPU)
+    python benchmarks/run.py --shapes qwen3-0.6b --dtype float32 --bits 4 --quick
+
+A row compares the same weights in both libraries ("same"). With ``--bits`` a second
+row ("as loaded") runs qwen_mlx the way `load_model` serves a quantized checkpoint on
+this backend (CPU: dequantized to float32 once at load) against mlx-lm's quantized model.
 """
 
 import argparse
 import importlib
 import json
+import os
+import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+import mlx.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {
     "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=28, intermediate_size=3072,
@@ -30,25 +41,113 @@ SHAPES = {
     "qwen3-moe": dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, intermediate_size=6144,
                       num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
                       tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960,
-                      num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
+                      num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[]),
 }
 
+# `make bench` on a CPU: (shapes, dtype, bits, prompt, gen). MLX's CPU backend has BLAS only
+# for float32; its bfloat16 / 4-bit kernels (and mlx-lm's MoE prefill there) are 5-40x
+# slower, so those rows are shorter. Qwen3-8B is left to --shapes / --full (32 GB in float32).
+CPU_SET = [
+    ("qwen3-0.6b,qwen2.5-0.5b", "float32", 0, 512, 128),
+    ("qwen3-moe", "float32", 0, 512, 64),
+    ("qwen3-0.6b", "float32", 4, 64, 16),
+    ("qwen3-moe", "float32", 4, 32, 8),
+    ("qwen3-0.6b", "bfloat16", 0, 64, 16),
+]
+GPU_SET = [
+    ("qwen3-0.6b,qwen2.5-0.5b,qwen3-8b,qwen3-moe", "bfloat16", 0, 512, 128),
+    ("qwen3-0.6b,qwen2.5-0.5b,qwen3-8b,qwen3-moe", "bfloat16", 4, 512, 128),
+]
 
-def build_pair(cfg, dtype, bits):
-    import mlx.nn as nn
+
+def rss_gb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except OSError:  # macOS: peak RSS (bytes there)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e9
+
+
+def bandwidth(gb: float = 1.0):
+    """(copy, read) GB/s: a large MLX copy (bytes read + written), and on the CPU backend
+    a BLAS sgemv over the same bytes (MLX's CPU allocator does not reuse large buffers,
+    so its copy mostly measures page faults there; decode reads weights the sgemv way)."""
+    from qwen_mlx.models.linear import _gemv, _gemv_ok
+
+    a = mx.random.uniform(shape=(int(gb * 2**28),))
+    mx.eval(a)
+
+    def best(f):
+        ts = []
+        for _ in range(5):
+            t = time.perf_counter()
+            mx.eval(f())
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    copy = 2 * a.nbytes / best(lambda: a + 1) / 1e9
+    w, x = a.reshape(-1, 1024), mx.ones((1, 1024))
+    read = a.nbytes / best(lambda: _gemv(x, w)) / 1e9 if _gemv_ok(x, w) else 0.0
+    del a, w
+    mx.clear_cache()
+    return copy, read
+
+
+def bytes_per_token(model, cfg, ctx: int) -> float:
+    """Weights a decode step reads (experts: k of E; the embedding table only as a tied
+    head) plus the float KV cache at context ``ctx``."""
+    from mlx.utils import tree_flatten
+
+    total = 0
+    for name, p in tree_flatten(model.parameters()):
+        n = p.nbytes
+        if "switch_mlp" in name:
+            n = n * cfg["num_experts_per_tok"] / cfg["num_experts"]
+        if "embed_tokens" in name and not cfg["tie_word_embeddings"]:
+            n = 0
+        total += n
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    itemsize = 2 if mx.default_device() != mx.cpu else 4
+    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * hd * itemsize * ctx
+    return total + kv
+
+
+def build_pair(cfg, dtype, bits, as_loaded=False):
+    """Our model (fused, as `load_model` binds it) and mlx-lm's, sharing the same arrays."""
     from qwen_mlx.loading.loader import build_model
+    from qwen_mlx.models.fuse import fuse_projections, unfused_parameters
 
     ours = build_model(cfg)
     ours.set_dtype(dtype)
+    if bits:
+        nn.quantize(ours, group_size=64, bits=bits)
+    fuse_projections(ours)
+    mx.eval(ours.parameters())
     lm = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
     theirs = lm.Model(lm.ModelArgs.from_dict(cfg))
-    theirs.load_weights(list(tree_flatten(ours.parameters())))  # same names, same weights
+    if bits:
+        nn.quantize(theirs, group_size=64, bits=bits)
+    theirs.load_weights(list(unfused_parameters(ours).items()))  # slices of ours: no copy
+    if as_loaded:  # what load_model serves from such a checkpoint on this backend
+        ours = served(ours, cfg, bits)
     for m in (ours, theirs):
-        if bits:
-            nn.quantize(m, group_size=64, bits=bits)
         mx.eval(m.parameters())
         m.eval()
     return ours, theirs
+
+
+def served(model, cfg, bits):
+    """A quantized / half-precision checkpoint as `load_model` serves it with its defaults:
+    on the CPU backend dequantized / cast to float32 once at load; elsewhere as is."""
+    from qwen_mlx.loading.loader import Checkpoint, model_from_checkpoint
+    from qwen_mlx.models.fuse import unfused_parameters
+
+    if mx.default_device() != mx.cpu:
+        return model
+    if bits:
+        cfg = {**cfg, "quantization": {"group_size": 64, "bits": bits}}
+    return model_from_checkpoint(Checkpoint(cfg, unfused_parameters(model), "benchmark"))
 
 
 def run_ours(model, prompt, n):
@@ -65,6 +164,7 @@ def run_mlx_lm(model, prompt, n):
 
 
 def measure(fn, model, prompt, n):
+    mx.clear_cache()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     it = fn(model, prompt, n)
@@ -72,53 +172,87 @@ def measure(fn, model, prompt, n):
     t1 = time.perf_counter()
     k = sum(1 for _ in it)
     t2 = time.perf_counter()
-    return {"prefill": len(prompt) / (t1 - t0), "decode": k / (t2 - t1),
-            "peak_gb": mx.get_peak_memory() / 1e9}
+    return {"prefill": len(prompt) / (t1 - t0), "decode": k / (t2 - t1) if k else 0.0,
+            "peak_gb": mx.get_peak_memory() / 1e9, "rss_gb": rss_gb()}
+
+
+def bench_row(name, cfg, dtype, bits, a, bw, as_loaded=False):
+    mx.random.seed(0)
+    ours, theirs = build_pair(cfg, dtype, bits, as_loaded)
+    prompt = [int(x) for x in mx.random.randint(0, cfg["vocab_size"], (a.prompt,)).tolist()]
+    impls = [("qwen_mlx", run_ours, ours), ("mlx_lm", run_mlx_lm, theirs)]
+    for _, fn, m in impls:  # warm-up, not counted
+        measure(fn, m, prompt[:16], 4)
+    runs = {"qwen_mlx": [], "mlx_lm": []}
+    for r in range(a.runs):  # interleaved, order alternating each round
+        for key, fn, m in (impls if r % 2 == 0 else impls[::-1]):
+            runs[key].append(measure(fn, m, prompt, a.gen))
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    ctx = a.prompt + a.gen // 2
+    bound = {k: bw * 1e9 / bytes_per_token(m, cfg, ctx) for k, _, m in impls}
+    kind = f"{str(dtype).split('.')[-1]}{f' q{bits}' if bits else ''}"
+    kind += f" (ours as loaded: {str(ours.layers[0].input_layernorm.weight.dtype).split('.')[-1]})" if as_loaded else ""
+    row = {"shape": name, "layers": cfg["num_hidden_layers"], "weights": kind, "prompt": a.prompt, "gen": a.gen,
+           **{f"{k}_{m}": round(v, 3) for k, d in med.items() for m, v in d.items()},
+           **{f"{k}_decode_bound": round(v, 2) for k, v in bound.items()},
+           "prefill_ratio": round(med["qwen_mlx"]["prefill"] / med["mlx_lm"]["prefill"], 3),
+           "decode_ratio": round(med["qwen_mlx"]["decode"] / max(med["mlx_lm"]["decode"], 1e-9), 3)}
+    o, t = med["qwen_mlx"], med["mlx_lm"]
+    print(f"{name:13s} {kind:36s} prefill {o['prefill']:8.1f} vs {t['prefill']:8.1f} x{row['prefill_ratio']:5.2f} | "
+          f"decode {o['decode']:7.2f} vs {t['decode']:7.2f} x{row['decode_ratio']:5.2f} | "
+          f"bound {bound['qwen_mlx']:6.1f} / {bound['mlx_lm']:6.1f} tok/s | "
+          f"peak GB {o['peak_gb']:.2f} / {t['peak_gb']:.2f} | rss {o['rss_gb']:.2f}", flush=True)
+    del ours, theirs
+    mx.clear_cache()
+    return row
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="qwen3-0.6b,qwen2.5-0.5b")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--bits", type=int, default=0, help="quantize both models (0 = no)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="4 layers per model")
+    ap.add_argument("--layers", type=int, help="cut every shape to this many layers")
+    ap.add_argument("--quick", action="store_true", help="4 layers per model (the CPU set uses it)")
+    ap.add_argument("--full", action="store_true", help="the GPU set: full depth, bf16 and 4-bit")
+    ap.add_argument("--gpu-dequant-rows", type=int, help="qwen_mlx: dequantize quantized weights for "
+                    "prompts of at least this many tokens on a GPU (see models/linear.py)")
     ap.add_argument("--json", help="write results here")
     a = ap.parse_args()
-    dtype = getattr(mx, a.dtype)
-    print(f"mlx {mx.__version__} on {mx.default_device()} | {a.dtype} bits={a.bits or '-'} "
-          f"prompt {a.prompt} gen {a.gen} median of {a.runs}{' (quick: 4 layers)' if a.quick else ''}")
+    if a.gpu_dequant_rows:
+        from qwen_mlx.models.linear import SPEED
+        SPEED.gpu_dequant_rows = a.gpu_dequant_rows
+    if a.shapes:
+        plan = [(a.shapes, a.dtype, a.bits, a.prompt, a.gen)]
+    else:
+        plan = GPU_SET if a.full or mx.default_device() != mx.cpu else CPU_SET
+        a.quick = a.quick or not a.full and mx.default_device() == mx.cpu
+    layers = a.layers or (4 if a.quick else None)
+    copy, read = bandwidth()
+    bw = max(copy, read)
+    print(f"mlx {mx.__version__} on {mx.default_device()} | bandwidth GB/s: copy {copy:.1f}"
+          f"{f', BLAS read {read:.1f}' if read else ''} (bound uses {bw:.1f}) | median of {a.runs}"
+          f"{f' | {layers} layers per model' if layers else ''} | tok/s qwen_mlx vs mlx-lm", flush=True)
     results = []
-    for name in a.shapes.split(","):
-        cfg = dict(SHAPES[name])
-        if a.quick:
-            cfg["num_hidden_layers"] = 4
-        mx.random.seed(0)
-        ours, theirs = build_pair(cfg, dtype, a.bits)
-        prompt = [int(x) for x in mx.random.randint(0, cfg["vocab_size"], (a.prompt,)).tolist()]
-        impls = [("qwen_mlx", run_ours, ours), ("mlx_lm", run_mlx_lm, theirs)]
-        for _, fn, m in impls:  # warm-up, not counted
-            measure(fn, m, prompt[:64], 8)
-        runs = {"qwen_mlx": [], "mlx_lm": []}
-        for r in range(a.runs):  # interleaved, order alternating each round
-            for key, fn, m in (impls if r % 2 == 0 else impls[::-1]):
-                runs[key].append(measure(fn, m, prompt, a.gen))
-        med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill", "decode", "peak_gb")}
-               for k, v in runs.items()}
-        row = {"shape": name, **{f"{k}_{m}": round(v, 3) for k, d in med.items() for m, v in d.items()},
-               "prefill_ratio": round(med["qwen_mlx"]["prefill"] / med["mlx_lm"]["prefill"], 3),
-               "decode_ratio": round(med["qwen_mlx"]["decode"] / med["mlx_lm"]["decode"], 3)}
-        results.append(row)
-        print(f"{name:14s} prefill tok/s ours {med['qwen_mlx']['prefill']:8.1f} mlx-lm {med['mlx_lm']['prefill']:8.1f}"
-              f" x{row['prefill_ratio']:.2f} | decode tok/s ours {med['qwen_mlx']['decode']:7.2f}"
-              f" mlx-lm {med['mlx_lm']['decode']:7.2f} x{row['decode_ratio']:.2f} | peak GB"
-              f" {med['qwen_mlx']['peak_gb']:.2f} / {med['mlx_lm']['peak_gb']:.2f}", flush=True)
-        del ours, theirs
+    for shapes, dtype, bits, prompt, gen in plan:
+        a.prompt, a.gen = prompt, gen
+        for name in shapes.split(","):
+            cfg = dict(SHAPES[name])
+            if layers:
+                cfg["num_hidden_layers"] = layers
+            if dtype != "float32" and cfg.get("num_experts") and mx.default_device() == mx.cpu and not bits:
+                print(f"{name:13s} {dtype}: skipped (mlx-lm: MLX's CPU GatherMM is float32-only)")
+                continue
+            results.append(bench_row(name, cfg, getattr(mx, dtype), bits, a, bw))
+            if (bits or dtype != "float32") and mx.default_device() == mx.cpu:
+                results.append(bench_row(name, cfg, getattr(mx, dtype), bits, a, bw, as_loaded=True))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"device": str(mx.default_device()), "copy_gbs": round(copy, 1), "read_gbs": round(read, 1),
+                       "rows": results}, f, indent=1)
 
 
 if __name__ == "__main__":

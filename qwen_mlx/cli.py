@@ -1,4 +1,4 @@
-"""`qwen-mlx` command line: generate, chat, info."""
+"""`qwen-mlx` command line: generate, chat, info (images and videos for the VL families)."""
 
 import json
 import sys
@@ -15,6 +15,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 err = Console(stderr=True)
 
 MODEL = typer.Option(None, "--model", "-m", help="Checkpoint dir, .gguf file or hub id (default: embedded SmolLM2).")
+MEDIA_HELP = "/image PATH, /video PATH (attach to your next message)"
 
 
 def _load(model: Optional[str]):
@@ -65,14 +66,18 @@ def generate(
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Rotating KV cache size."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the KV cache (4 or 8)."),
     show_thinking: bool = typer.Option(False, "--show-thinking", help="Print reasoning to stderr."),
+    image: Optional[List[str]] = typer.Option(None, "--image", "-i", help="Image file (repeatable; VL models)."),
+    video: Optional[List[str]] = typer.Option(None, "--video", help="Video file (repeatable; VL models)."),
 ):
-    """Answer one prompt: the answer on stdout, statistics on stderr."""
+    """Answer one prompt: the answer on stdout, statistics on stderr. Images and videos go
+    before the prompt text, in the order given."""
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
         llm = _load(model)
         stats = None
-        for c in llm.stream(prompt, system=system, raw=raw, enable_thinking=False if no_think else None,
+        for c in llm.stream(prompt, images=list(image or []), videos=list(video or []),
+                            system=system, raw=raw, enable_thinking=False if no_think else None,
                             max_kv_size=max_kv_size, kv_bits=kv_bits,
                             **_sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
                                         presence_penalty, seed, stop)):
@@ -102,7 +107,8 @@ def chat(
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size"),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits"),
 ):
-    """Multi-turn chat. Commands: /think (toggle thinking), /reset, /quit."""
+    """Multi-turn chat. Commands: /think (toggle thinking), /reset, /quit; on VL models
+    /image PATH and /video PATH attach media to your next message."""
     try:
         llm = _load(model)
     except QwenMLXError as e:
@@ -110,8 +116,11 @@ def chat(
     opts = _sampling(max_tokens, temp, top_p, top_k, None, None, None, seed, None)
     session = llm.session(system, max_kv_size=max_kv_size, kv_bits=kv_bits)
     think = False if no_think else None
-    err.print(f"[bold]qwen-mlx chat[/] — {llm.path.name}. /think /reset /quit")
+    vl = llm.processor is not None
+    commands = "/think /reset /quit" + (f"; {MEDIA_HELP}" if vl else "")
+    err.print(f"[bold]qwen-mlx chat[/] — {llm.path.name}. {commands}")
     out = Console()
+    media = {"image": [], "video": []}
     while True:
         try:
             line = input(">>> ")
@@ -124,7 +133,12 @@ def chat(
             break
         if cmd == "/reset":
             session.reset()
+            media = {"image": [], "video": []}
             err.print("[dim]conversation reset[/]")
+            continue
+        kind, _, arg = cmd.partition(" ")
+        if kind in ("/image", "/video"):
+            _attach(media, kind[1:], arg.strip(), vl)
             continue
         if cmd == "/think":
             if not getattr(llm.tokenizer, "has_thinking", False):
@@ -134,11 +148,13 @@ def chat(
             err.print(f"[dim]thinking {'on' if think else 'off'}[/]")
             continue
         if cmd.startswith("/"):
-            err.print(f"[yellow]unknown command {cmd}[/] (/think /reset /quit)")
+            err.print(f"[yellow]unknown command {cmd}[/] ({commands})")
             continue
         try:
             stats = None
-            for c in session.stream(line, enable_thinking=think, **opts):
+            images, videos = media["image"], media["video"]
+            media = {"image": [], "video": []}
+            for c in session.stream(line, images=images, videos=videos, enable_thinking=think, **opts):
                 out.print(c.text, end="", style="dim" if c.channel == "reasoning" else None,
                           highlight=False, markup=False)
                 stats = c.stats or stats
@@ -146,6 +162,21 @@ def chat(
             err.print(f"[dim]{_stats_line(stats)}[/]")
         except QwenMLXError as e:
             err.print(f"[red]error:[/] {e}")
+
+
+def _attach(media: dict, kind: str, path: str, vl: bool) -> None:
+    from pathlib import Path
+
+    if not vl:
+        err.print(f"[red]error:[/] this model is text-only: it cannot take {kind}s")
+    elif not path:
+        err.print(f"[yellow]usage:[/] /{kind} PATH")
+    elif not Path(path).expanduser().is_file():
+        err.print(f"[red]error:[/] no such {kind} file: {path}")
+    else:
+        media[kind].append(str(Path(path).expanduser()))
+        n = len(media["image"]) + len(media["video"])
+        err.print(f"[dim]attached {kind} {path} ({n} item(s) go with your next message)[/]")
 
 
 @app.command()
@@ -168,6 +199,11 @@ def info(path: str = typer.Argument(..., help="Checkpoint dir, .gguf file or hub
         if v is not None:
             t.add_row(f"[bold]{k}[/]", json.dumps(v) if isinstance(v, dict) else f"{v:,}" if isinstance(v, int) else str(v))
     Console().print(t)
+
+
+from .cli_convert import register as _register_convert  # noqa: E402
+
+_register_convert(app)
 
 
 def main():

@@ -7,7 +7,7 @@ only drives them.
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -15,6 +15,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from .cache import can_trim_prompt_cache, trim_prompt_cache
 from .errors import PromptError
 from .generation_config import SamplingParams
+from .models.linear import eager_decode
 
 
 @dataclass
@@ -74,9 +75,10 @@ def make_sampling(p: SamplingParams):
 
 def generate_tokens(model, prompt: Sequence[int], params: SamplingParams,
                     prompt_cache: Optional[PromptCache] = None, eos_ids=(),
-                    prefill_step: int = 2048, stats: Optional[GenerationStats] = None
-                    ) -> Iterator[int]:
-    """Yield sampled token ids until EOS (not yielded) or ``params.max_tokens``."""
+                    prefill_step: int = 2048, stats: Optional[GenerationStats] = None,
+                    prefill: Optional["EmbeddedPrefill"] = None) -> Iterator[int]:
+    """Yield sampled token ids until EOS (not yielded) or ``params.max_tokens``.
+    ``prefill``: the prompt as embeddings (images/videos), see `EmbeddedPrefill`."""
     prompt = list(prompt)
     if not prompt:
         raise PromptError("the prompt is empty")
@@ -94,22 +96,34 @@ def generate_tokens(model, prompt: Sequence[int], params: SamplingParams,
     sampler, procs = make_sampling(params)
     eos_ids = set(eos_ids)
 
-    cached = pc.reuse(prompt)
+    cached = pc.reuse(prompt if prefill is None else prefill.keys)
     todo = prompt[cached:]
     stats.prefill_tokens = len(todo)
     history = mx.array(prompt)
     cache = pc.cache
 
+    greedy = not params.temperature  # argmax needs no normalised log-probabilities
+
     def step(x: mx.array):
-        nonlocal history
         logits = model(x[None], cache=cache)[:, -1, :]
         if procs:
             for p in procs:
                 logits = p(history, logits)
-        tok = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        return tok.squeeze(0)
+        if not greedy:
+            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logits).squeeze(0)
+
+    def advance(y: mx.array):  # feed token y, queue the next one
+        nonlocal history
+        if procs:
+            history = mx.concatenate([history, y[None]])
+        nxt = step(y[None])
+        mx.async_eval(nxt)
+        return nxt
 
     t0 = time.perf_counter()
+    if prefill is not None:
+        todo = prefill_embedded(model, prefill, prompt, cached, pc, prefill_step)
     while len(todo) > 1:  # all but the last token: evaluate only the cache, so the lazy
         n = min(prefill_step, len(todo) - 1)  # graph never computes their LM-head logits
         model(mx.array(todo[:n])[None], cache=cache)
@@ -119,14 +133,12 @@ def generate_tokens(model, prompt: Sequence[int], params: SamplingParams,
     y = step(mx.array(todo))
     pc.tokens += todo
     mx.async_eval(y)
+    # Overlap: queue step n+1 before reading token n. Where building a step already runs it
+    # (the CPU backend's BLAS sgemv decode, models/linear.py) read token n first instead.
+    eager = eager_decode()
     n, t1 = 0, None
     while n < max_tokens:
-        nxt = None
-        if n + 1 < max_tokens:  # overlap: queue step n+1 before reading token n
-            if procs:
-                history = mx.concatenate([history, y[None]])
-            nxt = step(y[None])
-            mx.async_eval(nxt)
+        nxt = advance(y) if not eager and n + 1 < max_tokens else None
         tok = y.item()
         if t1 is None:
             t1 = time.perf_counter()
@@ -141,11 +153,49 @@ def generate_tokens(model, prompt: Sequence[int], params: SamplingParams,
         if nxt is not None:
             pc.tokens.append(tok)
         yield tok
-        if nxt is None:
+        if n >= max_tokens:
             break
+        if nxt is None:
+            nxt = advance(y)
+            pc.tokens.append(tok)
         y = nxt
     if stats.finish_reason is None:
         stats.finish_reason = "length"
     if t1 is not None and n > 1:
         stats.decode_tps = (n - 1) / max(time.perf_counter() - t1, 1e-9)
     stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+
+
+# -- multimodal prompts ---------------------------------------------------------------------------
+@dataclass
+class EmbeddedPrefill:
+    """A prompt whose inputs are embeddings (images/videos placed at their placeholders).
+
+    ``keys`` stand for the prompt tokens when the prompt cache looks for the common prefix:
+    a token id for text, ``(media key, row)`` for a placeholder, so that two different
+    images (same placeholder ids) never match. ``embed(offset)`` returns the inputs of
+    ``prompt[offset:]`` (``input_embeds`` (1, L, D), ``positions`` (3, 1, L), ``deepstack``:
+    a list of (1, L, D) or None; `VLModel.embed_multimodal`) and sets the cache's rope delta."""
+
+    keys: Sequence
+    embed: Callable[[int], object]
+
+
+def prefill_embedded(model, prefill: EmbeddedPrefill, prompt: List[int], cached: int,
+                     pc: PromptCache, step: int) -> List[int]:
+    """Run all but the last prompt token as embeddings, in chunks of ``step``; return the last
+    token, which follows every media item, so the text path (ids, position offset + rope
+    delta) gives it the same embedding and position."""
+    if len(prefill.keys) != len(prompt):
+        raise PromptError(f"{len(prefill.keys)} prefill keys for a {len(prompt)}-token prompt")
+    if not isinstance(prefill.keys[-1], int):
+        raise PromptError("the prompt ends inside an image/video placeholder: add text after it")
+    mm = prefill.embed(cached)
+    n = len(prompt) - 1 - cached
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        ds = [d[:, a:b] for d in mm.deepstack] if mm.deepstack else None
+        model(None, pc.cache, mm.input_embeds[:, a:b], mm.positions[:, :, a:b], ds)
+        mx.eval([c.state for c in pc.cache])
+    pc.tokens += list(prefill.keys[cached:len(prompt) - 1])
+    return prompt[-1:]

@@ -144,3 +144,29 @@ def test_stop_matcher(pieces, stops, out):
             break
     text += "" if hit else m.flush()
     assert text == out and hit == (out != "".join(pieces))
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["read-first", "overlapped"])
+@pytest.mark.parametrize("stop_at", [None, 5])
+def test_decode_orders_agree(tiny_llm, monkeypatch, eager, stop_at):
+    """Reading each token before building the next step (the CPU sgemv path) and queueing
+    the next step first (async overlap) give the same tokens, the same greedy tokens as a
+    plain argmax loop, and a prompt cache whose token list matches what the KV cache holds."""
+    import numpy as np
+
+    from qwen_mlx import generate as G
+    from tests.helpers import mlx_greedy
+
+    ref = mlx_greedy(tiny_llm.model, np.array([PROMPT]), 12)
+    monkeypatch.setattr(G, "eager_decode", lambda: eager)
+    pc = PromptCache(tiny_llm.model)
+    eos = {ref[stop_at]} if stop_at is not None else ()
+    stats = GenerationStats()
+    toks = list(generate_tokens(tiny_llm.model, PROMPT, SamplingParams(max_tokens=12, temperature=0.0),
+                                pc, eos_ids=eos, stats=stats))
+    want = ref if stop_at is None else ref[:ref.index(ref[stop_at])]
+    assert toks == want
+    assert len(pc.tokens) == pc.cache[0].offset and pc.tokens[:len(PROMPT)] == PROMPT
+    assert pc.tokens[len(PROMPT):len(PROMPT) + len(toks)] == toks[:len(pc.tokens) - len(PROMPT)]
+    follow, _ = run(tiny_llm, PROMPT + toks + [7, 8], pc, max_tokens=4)  # the cache is reusable
+    assert follow == run(tiny_llm, PROMPT + toks + [7, 8], max_tokens=4)[0]

@@ -9,10 +9,13 @@ from typing import Any, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.models.switch_layers import SwitchGLU, _gather_sort, _scatter_unsort
 
 from ..config import require
+from .linear import Linear, head, on_cpu, project, quantized_project
 from .mrope import MRoPE, apply_rotary
 from .rope import make_rope
 
@@ -113,10 +116,10 @@ class Attention(nn.Module):
         D, hd = args.hidden_size, args.head_dim
         self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
         self.scale = hd**-0.5
-        self.q_proj = nn.Linear(D, self.n_heads * hd, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(D, self.n_kv_heads * hd, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(D, self.n_kv_heads * hd, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, D, bias=args.o_bias)
+        self.q_proj = Linear(D, self.n_heads * hd, bias=args.qkv_bias)
+        self.k_proj = Linear(D, self.n_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = Linear(D, self.n_kv_heads * hd, bias=args.qkv_bias)
+        self.o_proj = Linear(self.n_heads * hd, D, bias=args.o_bias)
         if args.qk_norm:
             self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
@@ -126,9 +129,15 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None, rope=None) -> mx.array:
         """``rope``: precomputed ``(cos, sin)`` (M-RoPE); otherwise RoPE at the cache offset."""
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "qkv_proj" in self:  # fused at load (models/fuse.py): one matmul
+            nq, nkv = self.n_heads, self.n_kv_heads
+            qkv = self.qkv_proj(x).reshape(B, L, nq + 2 * nkv, -1)
+            q, k, v = mx.split(qkv, [nq, nq + nkv], axis=2)
+        else:
+            q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+            k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+            v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = v.transpose(0, 2, 1, 3)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
@@ -146,29 +155,82 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_proj = Linear(dim, hidden, bias=bias)
+        self.up_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self:  # fused at load (models/fuse.py)
+            g, u = mx.split(self.gate_up_proj(x), 2, axis=-1)
+            return self.down_proj(swiglu(g, u))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Experts(SwitchGLU):
-    """mlx-lm's SwitchGLU; on the CPU backend, whose GatherMM is float32-only, half
-    precision experts run their gathered matmuls in float32."""
+    """mlx-lm's SwitchGLU (parameters, quantization) with ``gate_up_proj`` when fused.
+
+    On the CPU backend MLX's GatherMM runs one M = 1 ``sgemm`` per (token, expert) pair
+    (and only in float32), so there the tokens are grouped by expert instead and each used
+    expert runs one product over its rows (`linear`: BLAS sgemv for one row, sgemm for
+    many; quantized / half experts dequantized or cast per expert), reading expert
+    slices as views. Qwen3-30B-A3B layer, 512 tokens: ~5 s gathered; see the README."""
 
     def __call__(self, x, indices):
-        if x.dtype == mx.float32 or mx.default_device() != mx.cpu or "scales" in self.gate_proj:
-            return super().__call__(x, indices)
-        x32 = mx.expand_dims(x, (-2, -3)).astype(mx.float32)
+        indices = mx.stop_gradient(indices)
+        if on_cpu():
+            try:
+                ids = np.asarray(indices).reshape(-1)
+            except ValueError:  # traced (mx.compile / vmap): the gathered matmul below
+                ids = None
+            if ids is not None:
+                return self._by_expert(x, indices, ids)
+        x = mx.expand_dims(x, (-2, -3))
+        do_sort = indices.size >= 64  # many tokens: group them by expert (as mlx-lm does)
+        idx, inv = indices, None
+        if do_sort:
+            x, idx, inv = _gather_sort(x, indices)
+        if "gate_up_proj" in self:
+            g, u = mx.split(self.gate_up_proj(x, idx, sorted_indices=do_sort), 2, axis=-1)
+        else:
+            g = self.gate_proj(x, idx, sorted_indices=do_sort)
+            u = self.up_proj(x, idx, sorted_indices=do_sort)
+        y = self.down_proj(swiglu(g, u), idx, sorted_indices=do_sort)
+        if do_sort:
+            y = _scatter_unsort(y, inv, indices.shape)
+        return y.squeeze(-2)
 
-        def mm(a, proj):
-            w = proj["weight"].astype(mx.float32).swapaxes(-1, -2)
-            return mx.gather_mm(a, w, rhs_indices=indices)
+    def _by_expert(self, x, indices, ids):
+        """``x`` (..., D), ``indices`` (..., k) -> (..., k, D): rows sorted by expert, one
+        product per used expert over its contiguous block, then put back in order."""
+        k = indices.shape[-1]
+        order = np.argsort(ids, kind="stable")
+        counts = np.bincount(ids, minlength=1)
+        xs = x.reshape(-1, x.shape[-1])
+        if ids.size > 1:
+            xs = xs[mx.array(order // k)]
+        out, start = [], 0
+        for e in np.nonzero(counts)[0].tolist():
+            rows = xs[start:start + counts[e]]
+            start += int(counts[e])
+            if "gate_up_proj" in self:
+                g, u = mx.split(_expert_mm(rows, self.gate_up_proj, e), 2, axis=-1)
+            else:
+                g, u = _expert_mm(rows, self.gate_proj, e), _expert_mm(rows, self.up_proj, e)
+            out.append(_expert_mm(swiglu(g, u), self.down_proj, e))
+        y = mx.concatenate(out, axis=0) if len(out) > 1 else out[0]
+        if ids.size > 1:
+            y = y[mx.array(np.argsort(order))]
+        return y.reshape(*indices.shape, -1)
 
-        h = nn.silu(mm(x32, self.gate_proj)) * mm(x32, self.up_proj)
-        return mm(h, self.down_proj).squeeze(-2).astype(x.dtype)
+
+def _expert_mm(a, proj, e):
+    """``a @ W_e.T`` for expert ``e`` of a (Quantized)SwitchLinear."""
+    if "scales" in proj:
+        return quantized_project(a, proj, e)
+    w = proj["weight"][e:e + 1].squeeze(0)  # a view (an integer index copies)
+    if w.dtype == mx.float32 == a.dtype:
+        return project(a, w)
+    return project(a.astype(mx.float32), w.astype(mx.float32)).astype(a.dtype)
 
 
 class SparseMoE(nn.Module):
@@ -179,11 +241,11 @@ class SparseMoE(nn.Module):
         super().__init__()
         D = args.hidden_size
         self.top_k, self.norm_topk_prob = args.num_experts_per_tok, args.norm_topk_prob
-        self.gate = nn.Linear(D, args.num_experts, bias=False)
+        self.gate = Linear(D, args.num_experts, bias=False)
         self.switch_mlp = Experts(D, args.moe_intermediate_size, args.num_experts)
         if args.shared_expert_intermediate_size:
             self.shared_expert = MLP(D, args.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(D, 1, bias=False)
+            self.shared_expert_gate = Linear(D, 1, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
@@ -251,12 +313,12 @@ class CausalLM(nn.Module):
         self.model_type = args.model_type
         self.model = TextModel(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, input_ids=None, cache=None, input_embeds=None, positions=None, deepstack=None):
         h = self.model(input_ids, cache, input_embeds, positions, deepstack)
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
+            return head(self.model.embed_tokens, h)
         return self.lm_head(h)
 
     @property

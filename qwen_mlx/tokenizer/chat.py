@@ -78,15 +78,39 @@ def check_messages(messages) -> List[Dict[str, Any]]:
     return out
 
 
+IMAGE_PART = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PART = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def part_kind(p) -> str:
+    """"image" | "video" | "text" | "" of a content part, read as the Qwen-VL templates do
+    (``type``, else an ``image`` / ``image_url`` / ``video`` key)."""
+    if isinstance(p, str):
+        return "text"
+    if not isinstance(p, dict):
+        return ""
+    t = p.get("type")
+    if t in ("image", "image_url") or (t is None and ("image" in p or "image_url" in p)):
+        return "image"
+    if t == "video" or (t is None and "video" in p):
+        return "video"
+    return "text" if t in (None, "text") else ""
+
+
 def content_text(content) -> str:
+    """A message's content as ChatML text: list parts in order, images and videos as the
+    Qwen-VL placeholders (``<|vision_start|><|image_pad|><|vision_end|>``)."""
     if isinstance(content, str):
         return content
     parts = []
     for p in content:
-        if isinstance(p, str):
-            parts.append(p)
-        elif isinstance(p, dict) and p.get("type", "text") == "text":
-            parts.append(p.get("text", ""))
+        kind = part_kind(p)
+        if kind == "image":
+            parts.append(IMAGE_PART)
+        elif kind == "video":
+            parts.append(VIDEO_PART)
+        elif kind == "text":
+            parts.append(p if isinstance(p, str) else p.get("text", ""))
     return "".join(parts)
 
 

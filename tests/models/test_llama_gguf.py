@@ -29,7 +29,7 @@ def test_quantized_path_close_to_dequantized(smollm2_path, smollm2):
     from qwen_mlx import load_model
 
     q = load_model(smollm2_path, dequantize=False, dtype=mx.float32)
-    assert "scales" in q.layers[0].self_attn.q_proj
+    assert "scales" in q.layers[0].self_attn.qkv_proj  # q/k/v fused at load (models/fuse.py)
     ids = mx.array([smollm2.tokenizer.encode("The capital of France is")])
     err = rel_err(np.array(q(ids)), np.array(smollm2.model(ids)))
     assert err < 1e-3, err

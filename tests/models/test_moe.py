@@ -45,5 +45,5 @@ def test_qwen3_moe_parity(tmp_path, norm):
     kinds = [type(l.mlp).__name__ for l in model.layers]
     assert kinds == ["SparseMoE", "MLP", "SparseMoE"]
     assert "shared_expert" not in model.layers[0].mlp
-    # experts live stacked as (E, out, in): one gathered matmul per projection
-    assert model.layers[0].mlp.switch_mlp.gate_proj.weight.shape == (6, 48, 64)
+    # experts live stacked as (E, out, in), gate and up fused at load: one gathered matmul each
+    assert model.layers[0].mlp.switch_mlp.gate_up_proj.weight.shape == (6, 2 * 48, 64)

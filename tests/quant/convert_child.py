@@ -43,6 +43,7 @@ def _hold(marker: Path):
 
 
 def _job(job):
+    import qwen_mlx.models.qwen3  # noqa: F401  (imports before the RSS baseline)
     from qwen_mlx.loading import writer
     from qwen_mlx.quant import ConvertOptions, convert
 
@@ -82,10 +83,8 @@ def _job(job):
 
 def main(argv):
     """``argv[0]``: a JSON list of jobs, run one after another, each in a fork of this
-    process, which pays the slow imports (mlx-lm pulls in transformers and torch) once."""
-    import qwen_mlx.models.qwen3  # noqa: F401
-    import qwen_mlx.quant  # noqa: F401
-
+    process. The fork happens before mlx / OpenBLAS start their threads (forking a process
+    whose threads may hold locks can deadlock the child), so each job pays its own imports."""
     for job in json.loads(argv[0]):
         pid = os.fork()
         if pid == 0:

@@ -35,8 +35,10 @@ def runs(tmp_path_factory):
     jobs = [["rss", str(src), str(root / "q4"), SHARD]]
     jobs += [["kill", str(src), str(root / s), s, str(root / f"{s}.marker")] for s in STAGES]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # files, not pipes: a child blocked on a full pipe would hang until the deadline
+    fout, ferr = open(root / "child.out", "w+"), open(root / "child.err", "w+")
     p = subprocess.Popen([sys.executable, "-m", "tests.quant.convert_child", json.dumps(jobs)], cwd=ROOT,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=env, stdout=fout, stderr=ferr, text=True)
     killed = []
     try:
         deadline = time.time() + 300
@@ -50,7 +52,9 @@ def runs(tmp_path_factory):
     finally:
         if p.poll() is None:
             p.kill()
-    out, err = p.communicate(timeout=60)
+    p.wait(timeout=60)
+    out, err = (root / "child.out").read_text(), (root / "child.err").read_text()
+    fout.close(), ferr.close()
     assert p.returncode == 0, err[-3000:]
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return dict(root=root, src=src, size=size, rss=lines[0], results=lines[1:], killed=killed, stderr=err)
