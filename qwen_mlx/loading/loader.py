@@ -170,7 +170,8 @@ def model_from_checkpoint(ck: Checkpoint, *, dtype: Optional[mx.Dtype] = None,
                           progress: Progress = None, fuse: bool = True) -> nn.Module:
     """Build the model and bind the weights. ``dequantize`` defaults to True on the CPU
     backend, where float32 matmuls are the fast path; elsewhere weights stay quantized.
-    ``fuse``: q/k/v and gate/up as one projection each (models/fuse.py)."""
+    ``fuse``: q/k/v and gate/up as one projection each (models/fuse.py; the checkpoint's
+    tensors it supersedes are dropped from ``ck.weights`` so that they are not kept)."""
     cfg, weights = ck.config, ck.weights
     dtype = dtype or default_dtype(cfg)
     if dequantize is None:
@@ -186,9 +187,10 @@ def model_from_checkpoint(ck: Checkpoint, *, dtype: Optional[mx.Dtype] = None,
         for k, v in weights.items()
     }
     model.update(tree_unflatten(list(weights.items())))
+    del weights  # the model holds its arrays; fusion below supersedes some of them
     if fuse:
         from ..models.fuse import fuse_projections
-        fuse_projections(model)
+        fuse_projections(model, release=ck.weights)
     if not lazy:
         _materialize(model, progress)
     model.eval()

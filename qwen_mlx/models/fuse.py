@@ -9,14 +9,14 @@ Weights, quantized scales / biases and biases are concatenated along the output 
 (``-2``; ``-1`` for a bias), so one rule covers `nn.Linear` ``[out, in]``,
 `QuantizedLinear` and mlx-lm's (Quantized)SwitchLinear ``[experts, out, in]``. A group
 is left alone when its members differ in type, dtype, input size, bias presence or
-quantization (bits / group size / mode). The concatenation is lazy: with a lazily
-loaded checkpoint nothing is read until the fused weight is evaluated, and the
-unfused arrays are freed once the checkpoint that holds them is dropped.
+quantization (bits / group size / mode). The concatenation is lazy: nothing is read
+until the fused weight is evaluated, and `model_from_checkpoint` drops the unfused
+arrays from the checkpoint first, so no second copy stays resident.
 """
 
 import copy
 from itertools import accumulate
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,8 +56,11 @@ def _compatible(parts: List[nn.Module]) -> bool:
     return True
 
 
-def fuse_projections(model: nn.Module) -> int:
-    """Fuse every compatible group in ``model`` in place; returns how many were fused."""
+def fuse_projections(model: nn.Module, release: Optional[Dict[str, mx.array]] = None) -> int:
+    """Fuse every compatible group in ``model`` in place; returns how many were fused.
+    ``release``: a dict of arrays (a checkpoint's) from which the superseded unfused arrays
+    are removed (by identity), so that evaluating the fused ones does not keep them."""
+    superseded = set()
     n = 0
     for _, module in model.named_modules():
         for cls, names, fused_name in GROUPS:
@@ -69,10 +72,14 @@ def fuse_projections(model: nn.Module) -> int:
             fused = copy.copy(parts[0])
             for k in parts[0].keys():
                 fused[k] = mx.concatenate([p[k] for p in parts], axis=_axis(k))
+            superseded.update(id(p[k]) for p in parts for k in p.keys())
             for k in names:
                 del module[k]
             module[fused_name] = fused
             n += 1
+    if release is not None and superseded:
+        for key in [k for k, v in release.items() if id(v) in superseded]:
+            del release[key]
     return n
 
 

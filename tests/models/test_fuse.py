@@ -68,11 +68,11 @@ def test_mismatched_quantization_is_not_fused():
     dense = mx.dequantize(w[f"{base}.weight"], w[f"{base}.scales"], w[f"{base}.biases"], 32, 4)
     w[f"{base}.weight"], w[f"{base}.scales"], w[f"{base}.biases"] = mx.quantize(dense, 32, 8)
     cfg = {**ck.config, "quantization": {"group_size": 32, "bits": 4, base: {"group_size": 32, "bits": 8}}}
-    model = model_from_checkpoint(Checkpoint(cfg, w, "test"), dtype=mx.float32, dequantize=False)
+    model = model_from_checkpoint(Checkpoint(cfg, dict(w), "test"), dtype=mx.float32, dequantize=False)
     attn0, attn1 = model.layers[0].self_attn, model.layers[1].self_attn
     assert "q_proj" in attn0 and attn0.q_proj.bits == 8 and "qkv_proj" not in attn0  # left alone
     assert "qkv_proj" in attn1 and "gate_up_proj" in model.layers[0].mlp
-    ref = model_from_checkpoint(Checkpoint(cfg, w, "test"), dtype=mx.float32, dequantize=False, fuse=False)
+    ref = model_from_checkpoint(Checkpoint(cfg, dict(w), "test"), dtype=mx.float32, dequantize=False, fuse=False)
     assert rel_err(model(IDS), ref(IDS)) < 1e-5
 
 
@@ -82,21 +82,25 @@ def test_unfused_parameters_round_trip_and_mlx_lm():
     from mlx_lm.models import qwen2
 
     ck = random_checkpoint(QWEN2)
+    hf = dict(ck.weights)  # loading releases the tensors fusion supersedes from ck.weights
     model = model_from_checkpoint(ck, dtype=mx.float32)
     flat = unfused_parameters(model)
-    assert sorted(flat) == sorted(ck.weights)
+    assert sorted(flat) == sorted(hf)
     for k, v in flat.items():
-        assert v.shape == ck.weights[k].shape and mx.array_equal(v, ck.weights[k]), k
+        assert v.shape == hf[k].shape and mx.array_equal(v, hf[k]), k
     theirs = qwen2.Model(qwen2.ModelArgs.from_dict({**QWEN2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}))
     theirs.load_weights(list(flat.items()), strict=True)
     assert rel_err(model(IDS), theirs(IDS)) < 1e-5
 
 
-def test_lazy_fusion_keeps_one_copy(tmp_path):
-    """A lazily loaded checkpoint: once the checkpoint is dropped, evaluating the fused
-    model holds one copy of the weights (the unfused arrays were released)."""
+@pytest.mark.parametrize("lazy", [False, True])
+def test_fusion_keeps_one_copy(tmp_path, lazy):
+    """While the checkpoint is still alive, the loaded (fused) model holds one copy of the
+    weights: the unfused arrays were released, not kept next to the fused ones."""
     torch_setup()
     from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from qwen_mlx.loading.loader import load_checkpoint
 
     hf = perturb(Qwen3ForCausalLM(Qwen3Config(vocab_size=300, hidden_size=256, intermediate_size=512,
                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -104,15 +108,35 @@ def test_lazy_fusion_keeps_one_copy(tmp_path):
     path = save_hf(hf, tmp_path / "ckpt")
     mx.clear_cache()
     before = mx.get_active_memory()
-    model = load_model(path, dtype=mx.float32, lazy=True)
+    ck = load_checkpoint(path)
+    model = model_from_checkpoint(ck, dtype=mx.float32, lazy=lazy)
     mx.eval(model.parameters())
     held = mx.get_active_memory() - before
     params = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     assert "qkv_proj" in model.layers[0].self_attn
+    assert "model.layers.0.self_attn.q_proj.weight" not in ck.weights  # released to the fused tensor
     assert params <= held <= params * 1.05, (held, params)
+    assert rel_err(model(IDS[:, :4] % 300), np.array(load_model(path, dtype=mx.float32, fuse=False)(IDS[:, :4] % 300))) < 1e-5
 
 
 def test_fuse_is_idempotent_and_counts():
     model = build_model(QWEN3_MOE)
     assert fuse_projections(model) == 4  # attention x2, experts (layer 0), dense MLP (layer 1)
     assert fuse_projections(model) == 0
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_gpu_code_path_fused_equals_unfused(monkeypatch, bits):
+    """The Metal / CUDA code path (gathered experts over the fused gate_up, plain and
+    quantized matmuls), exercised on the CPU backend by pretending it is not the CPU."""
+    from qwen_mlx.models import decoder, linear
+
+    ck = random_checkpoint(QWEN3_MOE, bits)
+    plain = model_from_checkpoint(ck, dtype=mx.float32, dequantize=False, fuse=False)
+    fused = model_from_checkpoint(ck, dtype=mx.float32, dequantize=False)
+    cpu = np.array(fused(IDS))
+    monkeypatch.setattr(linear, "on_cpu", lambda: False)
+    monkeypatch.setattr(decoder, "on_cpu", lambda: False)
+    gpu_path = np.array(fused(IDS))
+    assert rel_err(gpu_path, np.array(plain(IDS))) < 1e-5
+    assert rel_err(gpu_path, cpu) < 1e-5
