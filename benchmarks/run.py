@@ -1,7 +1,8 @@
 """qwen_mlx vs mlx-lm's own model classes: same shapes, same (random) weights, same
 backend, interleaved runs in one process (order alternating), median of N. Prints
-prefill / decode tok/s, the ratios, peak MLX memory, process RSS, and decode against
-the memory-bandwidth bound (weight + KV bytes read per token / measured copy bandwidth).
+prefill / decode tok/s, the ratios, peak memory (each model's weights + the peak its run
+added; MLX's counters), process RSS, and the decode bound: measured bandwidth / bytes read
+per token (weights, k of E experts, KV cache).
 
     python benchmarks/run.py                      # `make bench`: the CPU-sized set (~10 min)
     python benchmarks/run.py --full               # full-depth shapes, bf16 and 4-bit (GPU)
@@ -80,7 +81,7 @@ def bandwidth(gb: float = 1.0):
 
     def best(f):
         ts = []
-        for _ in range(5):
+        for _ in range(10):
             t = time.perf_counter()
             mx.eval(f())
             ts.append(time.perf_counter() - t)
@@ -113,7 +114,20 @@ def bytes_per_token(model, cfg, ctx: int) -> float:
     return total + kv
 
 
-def build_pair(cfg, dtype, bits, as_loaded=False):
+def _random_quantized(model, bits):
+    """Random packed weights and scales for every quantized module (much faster than
+    quantizing random float tensors of a large MoE)."""
+    def fill(_, m):
+        if "scales" in m and isinstance(m.get("weight"), mx.array):
+            w, sc = m["weight"], m["scales"]
+            m["weight"] = mx.random.randint(0, 2**16, w.shape + (2,)).astype(mx.uint16).view(mx.uint32).reshape(w.shape)
+            m["scales"] = mx.random.uniform(0.002, 0.01, sc.shape).astype(sc.dtype)
+            m["biases"] = (-(2**bits - 1) / 2 * m["scales"]).astype(sc.dtype)
+    for name, m in model.named_modules():
+        fill(name, m)
+
+
+def build_pair(cfg, dtype, bits):
     """Our model (fused, as `load_model` binds it) and mlx-lm's, sharing the same arrays."""
     from qwen_mlx.loading.loader import build_model
     from qwen_mlx.models.fuse import fuse_projections, unfused_parameters
@@ -122,6 +136,7 @@ def build_pair(cfg, dtype, bits, as_loaded=False):
     ours.set_dtype(dtype)
     if bits:
         nn.quantize(ours, group_size=64, bits=bits)
+        _random_quantized(ours, bits)
     fuse_projections(ours)
     mx.eval(ours.parameters())
     lm = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
@@ -129,8 +144,6 @@ def build_pair(cfg, dtype, bits, as_loaded=False):
     if bits:
         nn.quantize(theirs, group_size=64, bits=bits)
     theirs.load_weights(list(unfused_parameters(ours).items()))  # slices of ours: no copy
-    if as_loaded:  # what load_model serves from such a checkpoint on this backend
-        ours = served(ours, cfg, bits)
     for m in (ours, theirs):
         mx.eval(m.parameters())
         m.eval()
@@ -166,6 +179,7 @@ def run_mlx_lm(model, prompt, n):
 def measure(fn, model, prompt, n):
     mx.clear_cache()
     mx.reset_peak_memory()
+    base = mx.get_active_memory()
     t0 = time.perf_counter()
     it = fn(model, prompt, n)
     next(it)
@@ -173,14 +187,20 @@ def measure(fn, model, prompt, n):
     k = sum(1 for _ in it)
     t2 = time.perf_counter()
     return {"prefill": len(prompt) / (t1 - t0), "decode": k / (t2 - t1) if k else 0.0,
-            "peak_gb": mx.get_peak_memory() / 1e9, "rss_gb": rss_gb()}
+            "run_gb": (mx.get_peak_memory() - base) / 1e9, "rss_gb": rss_gb()}
 
 
-def bench_row(name, cfg, dtype, bits, a, bw, as_loaded=False):
-    mx.random.seed(0)
-    ours, theirs = build_pair(cfg, dtype, bits, as_loaded)
+def weights_gb(model) -> float:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e9
+
+
+def bench_row(name, cfg, dtype, bits, a, bw, ours, theirs, as_loaded=False):
+    mx.random.seed(1)
     prompt = [int(x) for x in mx.random.randint(0, cfg["vocab_size"], (a.prompt,)).tolist()]
     impls = [("qwen_mlx", run_ours, ours), ("mlx_lm", run_mlx_lm, theirs)]
+    t0 = time.perf_counter()
     for _, fn, m in impls:  # warm-up, not counted
         measure(fn, m, prompt[:16], 4)
     runs = {"qwen_mlx": [], "mlx_lm": []}
@@ -188,6 +208,8 @@ def bench_row(name, cfg, dtype, bits, a, bw, as_loaded=False):
         for key, fn, m in (impls if r % 2 == 0 else impls[::-1]):
             runs[key].append(measure(fn, m, prompt, a.gen))
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    for k, _, m in impls:  # this model's weights + what its run added (both models are resident)
+        med[k]["peak_gb"] = weights_gb(m) + med[k].pop("run_gb")
     ctx = a.prompt + a.gen // 2
     bound = {k: bw * 1e9 / bytes_per_token(m, cfg, ctx) for k, _, m in impls}
     kind = f"{str(dtype).split('.')[-1]}{f' q{bits}' if bits else ''}"
@@ -201,9 +223,8 @@ def bench_row(name, cfg, dtype, bits, a, bw, as_loaded=False):
     print(f"{name:13s} {kind:36s} prefill {o['prefill']:8.1f} vs {t['prefill']:8.1f} x{row['prefill_ratio']:5.2f} | "
           f"decode {o['decode']:7.2f} vs {t['decode']:7.2f} x{row['decode_ratio']:5.2f} | "
           f"bound {bound['qwen_mlx']:6.1f} / {bound['mlx_lm']:6.1f} tok/s | "
-          f"peak GB {o['peak_gb']:.2f} / {t['peak_gb']:.2f} | rss {o['rss_gb']:.2f}", flush=True)
-    del ours, theirs
-    mx.clear_cache()
+          f"peak GB {o['peak_gb']:.2f} / {t['peak_gb']:.2f} | rss {o['rss_gb']:.2f} | {time.perf_counter() - t0:.0f}s",
+          flush=True)
     return row
 
 
@@ -246,9 +267,14 @@ def main():
             if dtype != "float32" and cfg.get("num_experts") and mx.default_device() == mx.cpu and not bits:
                 print(f"{name:13s} {dtype}: skipped (mlx-lm: MLX's CPU GatherMM is float32-only)")
                 continue
-            results.append(bench_row(name, cfg, getattr(mx, dtype), bits, a, bw))
+            mx.random.seed(0)
+            ours, theirs = build_pair(cfg, getattr(mx, dtype), bits)
+            results.append(bench_row(name, cfg, getattr(mx, dtype), bits, a, bw, ours, theirs))
             if (bits or dtype != "float32") and mx.default_device() == mx.cpu:
-                results.append(bench_row(name, cfg, getattr(mx, dtype), bits, a, bw, as_loaded=True))
+                ours = served(ours, cfg, bits)  # the same checkpoint as load_model serves it here
+                results.append(bench_row(name, cfg, getattr(mx, dtype), bits, a, bw, ours, theirs, as_loaded=True))
+            del ours, theirs
+            mx.clear_cache()
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": str(mx.default_device()), "copy_gbs": round(copy, 1), "read_gbs": round(read, 1),
