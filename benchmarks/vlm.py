@@ -70,15 +70,7 @@ SHAPES = {
         quick_vision=dict(depth=4, deepstack_visual_indexes=[1, 2, 3])),
 }
 # A Qwen2-VL-style chat template (what both libraries render; no default system prompt)
-TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from tests.chat_templates import QWEN_VL_TEMPLATE as TEMPLATE  # noqa: E402
 PROMPT = "Describe this image in detail."
 
 

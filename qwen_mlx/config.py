@@ -15,7 +15,7 @@ from typing import Any, Dict
 
 from .errors import ConfigError
 
-FORMAT_VERSION = 1  # stamped into converted checkpoints as "qwen_mlx_format"
+FORMAT_VERSION = 2  # "qwen_mlx_format" stamp (2: Qwen3-VL written in transformers names, loading/layouts.py)
 
 _ALIASES = {"num_local_experts": "num_experts"}
 VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")

@@ -18,6 +18,7 @@ from qwen_mlx.generation_config import SamplingParams
 from qwen_mlx.multimodal import FeatureCache, media_prefill, split_media
 from qwen_mlx.tokenizer.chat import render_template
 from qwen_mlx.vision.inputs import TowerOutput
+from tests.chat_templates import QWEN_VL_TEMPLATE
 from tests.helpers import perturb, torch_setup
 from tests.models.vl_configs import hf_classes, text_config, vision_config
 
@@ -278,18 +279,6 @@ def test_raw_prompt_with_placeholders(q25, photos):
     raw = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + Q + "<|im_end|>\n<|im_start|>assistant\n"
     assert llm.prepare_request(raw, raw=True, images=[photos["chelsea"]]).ids == \
         llm.prepare_request(Q, images=[photos["chelsea"]]).ids
-
-
-# A Qwen2-VL-style template (the checkpoints' list-content handling, without its default system)
-QWEN_VL_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def test_chatml_fallback_renders_media_like_qwen_vl_templates(qwen_tokenizer):

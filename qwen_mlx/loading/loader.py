@@ -90,14 +90,17 @@ def _quantize_modules(model: nn.Module, weights: Dict[str, mx.array], cfg: dict)
 
 
 def dequantize_weights(model: nn.Module, weights: Dict[str, mx.array], dtype: mx.Dtype,
-                       cfg: dict) -> Dict[str, mx.array]:
-    """Replace quantized triplets by float weights (the fast path of MLX's CPU backend)."""
+                       cfg: dict, only=None) -> Dict[str, mx.array]:
+    """Replace quantized triplets (of the modules in ``only``, default all) by float weights
+    (the fast path of MLX's CPU backend)."""
     from ..quant.spec import QuantSpec, dequantize
 
     expected = dict(tree_flatten(model.parameters()))
     out = dict(weights)
     for name in [n for n in weights if n.endswith(".scales")]:
         base = name[: -len(".scales")]
+        if only is not None and base not in only:
+            continue
         w, s, b = out.pop(f"{base}.weight", None), out.pop(name), out.pop(f"{base}.biases", None)
         if w is None or f"{base}.weight" not in expected:
             raise WeightsError(f"quantized tensor '{base}' has scales but no matching weight")
@@ -162,6 +165,9 @@ def load_checkpoint(path: Path, import_options=None) -> Checkpoint:
         cfg, weights = import_quantized(cfg, weights, import_options, str(path))
         weights = remap_weights(weights, cfg.get("num_experts") or 0, cfg.get("tie_word_embeddings", False),
                                 rules=getattr(family, "REMAP", None), cfg=cfg)
+    else:  # our writer's names for this family (layouts.LAYOUTS) -> ours
+        from .layouts import read_names
+        weights = read_names(cfg, weights)
     return Checkpoint(cfg, weights, str(path))
 
 
@@ -179,6 +185,9 @@ def model_from_checkpoint(ck: Checkpoint, *, dtype: Optional[mx.Dtype] = None,
     model = build_model(cfg)
     if dequantize:
         weights = dequantize_weights(model, weights, dtype, cfg)
+    elif any(n.endswith(".scales") for n in weights):  # modules whose weight the model reads
+        from ..quant.plan import direct_weight_reads  # directly (not as a matmul / lookup): float
+        weights = dequantize_weights(model, weights, dtype, cfg, only=direct_weight_reads(model))
     if any(n.endswith(".scales") for n in weights):
         _quantize_modules(model, weights, cfg)
     _check_weights(model, weights, ck.where)

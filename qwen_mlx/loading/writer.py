@@ -2,6 +2,9 @@
 loader never guesses whether names were already mapped), sharded safetensors, and the
 tokenizer/generation files.
 
+Names and config follow the family's output layout (`layouts.LAYOUTS`: e.g. Qwen3-VL as
+transformers names it, with a nested ``text_config``), which the loader reads back.
+
 Crash safety: everything is written into a temp dir beside DST (``.DST.partial-PID-*``)
 that is renamed to DST at the very end, so a write killed at any moment leaves no DST;
 the next write to the same DST removes temp dirs whose process is gone. Shards go out
@@ -23,6 +26,7 @@ import mlx.core as mx
 
 from ..config import FORMAT_VERSION
 from ..errors import QwenMLXError
+from .layouts import OURS, Layout, layout_of
 from .loader import Checkpoint
 
 SHARD_BYTES = 5 << 30
@@ -103,11 +107,12 @@ def _write_shard(path: Path, arrays: Dict[str, mx.array]) -> None:
 
 class ShardWriter:
     """Append tensors; a shard is written when adding one more would pass ``shard_bytes``
-    (a tensor larger than that gets a shard of its own). `close` names the files
-    ``model-0000i-of-0000N.safetensors`` (or ``model.safetensors``) and writes the index."""
+    (a tensor larger than that gets a shard of its own), under the name ``layout`` gives it.
+    `close` names the files ``model-0000i-of-0000N.safetensors`` (or ``model.safetensors``)
+    and writes the index."""
 
-    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES):
-        self.folder, self.shard_bytes = Path(folder), shard_bytes
+    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES, layout: Layout = OURS):
+        self.folder, self.shard_bytes, self.layout = Path(folder), shard_bytes, layout
         self.pending: Dict[str, mx.array] = {}
         self.pending_bytes = self.total_bytes = 0
         self.files: List[str] = []
@@ -116,6 +121,7 @@ class ShardWriter:
     def add(self, tensors: Dict[str, mx.array]) -> None:
         mx.eval(list(tensors.values()))
         for k, v in tensors.items():
+            k = self.layout.write_name(k)
             if self.pending and self.pending_bytes + v.nbytes > self.shard_bytes:
                 self.flush()
             self.pending[k] = v
@@ -147,8 +153,8 @@ class ShardWriter:
 
 
 def write_side_files(ck: Checkpoint, src: Path, out: Path, config: dict) -> None:
-    """config.json (stamped) plus the tokenizer / generation files of the source."""
-    cfg = {**config, "qwen_mlx_format": FORMAT_VERSION}
+    """config.json (stamped, in the family's layout) plus the source's tokenizer / generation files."""
+    cfg = layout_of(config).config({**config, "qwen_mlx_format": FORMAT_VERSION})
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     if ck.gguf_metadata is not None:
         _write_gguf_tokenizer(ck.gguf_metadata, out)
@@ -163,7 +169,7 @@ def save_checkpoint(ck: Checkpoint, src: Path, dst: Path, *, overwrite: bool = F
     """Lossless: every tensor as read (quantized ones stay packed), one at a time.
     Consumes ``ck.weights`` (emptied as written) so memory stays near one shard."""
     with staged_dir(dst, overwrite=overwrite) as tmp:
-        w = ShardWriter(tmp, shard_bytes)
+        w = ShardWriter(tmp, shard_bytes, layout_of(ck.config))
         for k in sorted(ck.weights):
             w.add({k: ck.weights.pop(k)})
         w.close()

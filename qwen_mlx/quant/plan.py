@@ -2,14 +2,22 @@
 
 Quantizable modules are those mlx-lm quantizes: anything with ``to_quantized``
 (Linear, Embedding, mlx-lm's SwitchLinear experts) whose input size is a multiple of
-the group size. A module the rules send to a group size that does not divide its
-input stays float when the group came from the defaults, and is an error when the
-command line asked for it.
+the group size, and that the model uses only through the module (a matmul or a lookup).
+A module whose ``weight`` the model's own code reads (Qwen3-VL's ``visual.pos_embed``,
+a position table resampled by hand) would see packed integers once quantized: the plan
+finds these in the code of the modules that own them (`direct_weight_reads`) and keeps
+them float whatever the rules say. A module the rules send to a group size that does
+not divide its input stays float when the group came from the defaults, and is an error
+when the command line asked for it.
 """
 
+import ast
+import inspect
 import re
+import textwrap
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from functools import lru_cache
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import mlx.nn as nn
 
@@ -53,6 +61,47 @@ def quantizable_modules(model: nn.Module) -> Dict[str, nn.Module]:
     return {p: mods[p] for p in sorted(mods, key=natural_key)}
 
 
+@lru_cache(maxsize=None)
+def _weight_reads(cls: type) -> FrozenSet[Tuple[str, str]]:
+    """(child attribute, method) pairs where a method of ``cls`` (or of a base outside MLX)
+    reads ``self.<child>.weight`` / ``self.<child>["weight"]`` itself (``__init__`` aside:
+    it runs before any quantization)."""
+    found = set()
+    for c in cls.__mro__:
+        if c.__module__.split(".")[0] in ("mlx", "builtins"):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(c)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        fns = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        for fn in [f for f in fns if f.name != "__init__"]:
+            for n in ast.walk(fn):
+                owner = None
+                if not isinstance(getattr(n, "ctx", None), ast.Load):
+                    continue
+                if isinstance(n, ast.Attribute) and n.attr == "weight":
+                    owner = n.value
+                elif isinstance(n, ast.Subscript) and isinstance(n.slice, ast.Constant) and n.slice.value == "weight":
+                    owner = n.value
+                if (isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name)
+                        and owner.value.id == "self"):
+                    found.add((owner.attr, f"{c.__name__}.{fn.name}"))
+    return frozenset(found)
+
+
+def direct_weight_reads(model: nn.Module) -> Dict[str, str]:
+    """Module path -> the method that reads its weight directly, not through the module
+    (a Qwen3-VL model: ``{"visual.pos_embed": "VisionModel.add_positions"}``)."""
+    out = {}
+    for path, m in model.named_modules():
+        for attr, where in _weight_reads(type(m)):
+            child = f"{path}.{attr}" if path else attr
+            if isinstance(getattr(m, attr, None), nn.Module):
+                out[child] = where
+    return out
+
+
 def _edge_layers(paths) -> str:
     idx = {int(m.group(1)) for p in paths for m in [re.search(r"(?:^|\.)layers\.(\d+)\.", p)] if m}
     if not idx:
@@ -92,6 +141,7 @@ def make_plan(model: nn.Module, *, recipe: str = "uniform", bits: Optional[int] 
               keep_bits: Optional[str] = None) -> Plan:
     r = get_recipe(recipe)
     modules = quantizable_modules(model)
+    direct = {p: w for p, w in direct_weight_reads(model).items() if p in modules}
     if not r.quantize:
         if bits or group_size or mode or keep_bits:
             raise QuantizationError(f"recipe '{recipe}' does not quantize: drop --bits/--group-size/--mode/--keep-bits")
@@ -105,12 +155,20 @@ def make_plan(model: nn.Module, *, recipe: str = "uniform", bits: Optional[int] 
     user = parse_keep_bits(keep_bits)
     rules = (_compile(BASE_RULES, edge, "default rules") + _compile(list(r.rules), edge, f"recipe '{recipe}'")
              + _compile(user, edge, "--keep-bits"))
-    for rx, _, origin in rules[len(rules) - len(user):]:
-        if not any(rx.fullmatch(p) for p in modules):
+    for rx, val, origin in rules[len(rules) - len(user):]:
+        hits = [p for p in modules if rx.fullmatch(p)]
+        if not hits:
             raise QuantizationError(
                 f"--keep-bits: '{rx.pattern}' matches no quantizable module (e.g. {next(iter(sorted(modules)), '-')})")
+        if val != KEEP and all(p in direct for p in hits):
+            raise QuantizationError(
+                f"--keep-bits: '{rx.pattern}' matches only {', '.join(hits)}, whose weight the model reads "
+                f"directly ({', '.join(sorted({direct[p] for p in hits}))}): it cannot be quantized")
     specs, reasons = {}, {}
     for path, m in modules.items():
+        if path in direct:  # whatever the rules say
+            specs[path], reasons[path] = None, f"its weight is read directly by {direct[path]}"
+            continue
         spec, origin = base, "default"
         for rx, val, org in rules:
             if rx.fullmatch(path):

@@ -85,8 +85,7 @@ RECIPES: Dict[str, Recipe] = {
     "vl-4bit": Recipe(
         "VL models: 4-bit language model (8-bit embeddings and LM head), 8-bit vision tower "
         "(other recipes keep the tower float)",
-        {"bits": 4}, ((A["embed"], {"bits": 8}), (A["lm_head"], {"bits": 8}),
-                      (r"^visual\.(?!pos_embed$).*$", {"bits": 8}))),  # Qwen3-VL's position table: float
+        {"bits": 4}, ((A["embed"], {"bits": 8}), (A["lm_head"], {"bits": 8}), (A["vision"], {"bits": 8}))),
     "float": Recipe("no quantization: every tensor cast to --dtype (quantized sources are dequantized)",
                     quantize=False),
 }

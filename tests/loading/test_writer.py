@@ -13,6 +13,7 @@ import pytest
 
 import qwen_mlx
 from qwen_mlx import load_model
+from qwen_mlx.config import FORMAT_VERSION
 from qwen_mlx.loading.loader import load_checkpoint
 from qwen_mlx.loading.writer import (DestinationExistsError, ShardWriter, WriteError, save_checkpoint,
                                       staged_dir)
@@ -24,7 +25,7 @@ def test_gguf_to_stamped_dir_round_trip(smollm2_path, smollm2, tmp_path):
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["qwen_mlx_format"] == 1 and cfg["model_type"] == "llama"
+    assert cfg["qwen_mlx_format"] == FORMAT_VERSION and cfg["model_type"] == "llama"
     llm = qwen_mlx.load(out)
     ids = mx.array([smollm2.tokenizer.encode("The capital of France is")])
     assert np.array_equal(np.array(llm.model(ids)), np.array(smollm2.model(ids)))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from qwen_mlx import load_model
+from qwen_mlx.config import FORMAT_VERSION
 from qwen_mlx.quant import ConvertOptions, convert
 from tests.helpers import REL_TOL, rel_err
 from tests.quant.builders import FAMILIES, VL_FAMILIES, hf_dir
@@ -41,7 +42,7 @@ def test_every_family_converts_exactly(sources, tmp_path, family):
     res = convert(src, tmp_path / "q4", ConvertOptions(bits=4, group_size=32, shard_bytes=25_000, report=True))
     dst = res.path
     cfg = json.loads((dst / "config.json").read_text())
-    assert cfg["qwen_mlx_format"] == 1 and cfg["model_type"] == family and cfg["torch_dtype"] == "float32"
+    assert cfg["qwen_mlx_format"] == FORMAT_VERSION and cfg["model_type"] == family and cfg["torch_dtype"] == "float32"
     q = cfg["quantization"]
     assert {k: q[k] for k in ("group_size", "bits", "mode")} == {"group_size": 32, "bits": 4, "mode": "affine"}
     assert cfg["quantization_config"] == q
