@@ -1,42 +1,46 @@
 """Read a GGUF checkpoint into an HF-style config dict and HF-named MLX weights.
 
 `read_gguf(path)` validates the header with a pure-Python walker first (see
-`gguf_header`), then reads the tensors. Per GGML type:
+`gguf_header`) and checks every tensor's type and name; the weights come back as a
+`GGUFWeights` mapping that reads and decodes a tensor the first time one of its parts is
+looked up (plain file reads, a chunk of blocks at a time: `gguf_blocks`). Per GGML type:
 
-- F32, F16, I8, I16, I32: plain arrays of that dtype; BF16 re-read from its raw bits
-  (`mx.load` converts it to float16, which overflows past 65504).
-- Q4_0, Q4_1, Q8_0: kept as MLX affine triplets (`weight` uint32, `scales`, `biases`
-  float16, group size 32, 4/4/8 bits), exactly as `mx.load` returns them.
-- Q4_K: rebuilt from the raw blocks as an exact 4-bit triplet with float32 scales/biases
-  (`mx.load` decodes it wrongly: the odd 32-element sub-blocks reuse the even ones' scale).
-- Everything else MLX has no kernel for is dequantized exactly to float32, with a
-  `GGUFDequantizedWarning` naming the types and tensor counts: Q6_K by our own decoder,
-  Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, IQ*, TQ*, MXFP4 and NVFP4 by the `gguf` package's
-  `gguf.quants.dequantize` (llama.cpp's reference decoders in numpy).
+- F32, F16, I8, I16, I32, BF16: arrays of that dtype (BF16 from its raw bits).
+- Q4_0, Q4_1, Q8_0: MLX affine triplets (`weight` uint32, `scales`, `biases` float16,
+  group size 32), bit for bit what `mx.load` gives.
+- Q4_K, Q5_0, Q5_1, Q5_K: exact 4/5-bit MLX affine triplets, group 32, float32 scales and
+  biases, holding the file's integers (`mx.load` mis-decodes Q4_K and cannot read Q5_*).
+- Q6_K, Q2_K, Q3_K (scale groups of 16 weights, which MLX affine cannot express) and IQ*,
+  TQ*, MXFP4, NVFP4: dequantized exactly to float32, with a `GGUFDequantizedWarning`
+  naming the types and counts (Q6_K by our decoder, the rest by `gguf.quants`).
 - Types nothing decodes (Q8_1, Q8_K, I64, F64, Q1_0) are refused up front.
 
-`mx.load` reads a whole file or fails on the first type it does not know, so it is used
-only when every tensor has a type it reads; otherwise Q4_0/Q4_1/Q8_0 blocks and plain
-tensors are decoded here (bit for bit what `mx.load` gives, tested).
+A consumer that pops every key in turn (the converter, `save_checkpoint`) holds one
+tensor at a time; `GGUFWeights.layout()` gives every shape and dtype without reading data.
 
 llama.cpp permutes the Q/K rows of `llama` checkpoints into the interleaved RoPE
 layout; we undo it so every family uses HF's rotate-half layout.
 """
 
+import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 
 from ..errors import ConfigError, WeightsError
+from .gguf_blocks import (DEQUANTIZED, GROUP_SIZE, GROUPS_OF_16, KINDS, NEEDS_GGUF, QUANT_BITS, TensorLayout,
+                          decode, layout)
 from .gguf_header import GGUFHeader, TensorInfo, read_header
 
-__all__ = ["GGUFCheckpoint", "GGUFDequantizedWarning", "read_gguf", "GGUF_ARCHITECTURES", "map_tensor_name"]
+__all__ = ["GGUFCheckpoint", "GGUFDequantizedWarning", "GGUFWeights", "read_gguf", "GGUF_ARCHITECTURES",
+           "map_tensor_name"]
 
 # GGUF architecture -> (HF model_type, HF architectures entry)
 GGUF_ARCHITECTURES = {
@@ -83,16 +87,6 @@ _RULES = [
     for k, v in _NAMES.items()
 ]
 
-# GGML types mx.load reads (or that we repair); a file with any other type makes it fail.
-_MX_READABLE = {"F32", "F16", "BF16", "I8", "I16", "I32", "Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q4_K", "Q6_K"}
-_PLAIN = {"F32": "<f4", "F16": "<f2", "I8": "i1", "I16": "<i2", "I32": "<i4"}
-_QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q4_K": 4}  # kept as MLX triplets
-# dequantized to float32 by gguf.quants.dequantize (Q6_K by our own exact decoder)
-_DEQUANTIZED = {"Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
-                "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4"}
-_READABLE = set(_PLAIN) | {"BF16", "Q6_K"} | set(_QUANT_BITS) | _DEQUANTIZED
-GROUP_SIZE = 32
-
 
 class GGUFDequantizedWarning(UserWarning):
     """Tensors of GGML types MLX has no kernel for were dequantized to float32."""
@@ -101,7 +95,7 @@ class GGUFDequantizedWarning(UserWarning):
 @dataclass
 class GGUFCheckpoint:
     config: Dict[str, Any]  # HF config.json-style dict
-    weights: Dict[str, mx.array]  # HF names; quantized tensors as (weight, scales, biases)
+    weights: "GGUFWeights"  # HF names; quantized tensors as (weight, scales, biases)
     metadata: Dict[str, Any]  # raw GGUF metadata as Python values (str, int, float, bool, list)
     path: Path
 
@@ -116,16 +110,17 @@ def map_tensor_name(name: str) -> Optional[str]:
 
 
 def read_gguf(path) -> GGUFCheckpoint:
+    """Header, config and a lazy `GGUFWeights`; every check that needs no tensor data
+    (types, names, Q/K head counts, the gguf package where needed) happens here."""
     path = Path(path)
     header = read_header(path)
     config = gguf_config(header)
     _check_types(header)
-    weights = _load(header)
-    if header.metadata["general.architecture"] in _PERMUTED_QK:
-        _unpermute_qk(weights, config, path)
+    weights = GGUFWeights(header, _qk_heads(header, config))
     quant = _quantization(header)
     if quant:
         config["quantization"] = quant
+    _warn_dequantized(header)
     return GGUFCheckpoint(config, weights, header.metadata, path)
 
 
@@ -229,8 +224,8 @@ def _quantization(header: GGUFHeader) -> Optional[Dict[str, Any]]:
     """mlx-lm style quantization config: the common bits, plus per-module overrides."""
     bits = {}
     for t in header.tensors.values():
-        if t.type_name in _QUANT_BITS:
-            bits[map_tensor_name(t.name).rsplit(".", 1)[0]] = _QUANT_BITS[t.type_name]
+        if t.type_name in QUANT_BITS:
+            bits[map_tensor_name(t.name).rsplit(".", 1)[0]] = QUANT_BITS[t.type_name]
     if not bits:
         return None
     common = Counter(bits.values()).most_common(1)[0][0]
@@ -244,162 +239,151 @@ def _quantization(header: GGUFHeader) -> Optional[Dict[str, Any]]:
 
 def _check_types(header: GGUFHeader) -> None:
     for t in header.tensors.values():
-        if t.type_name not in _READABLE:
+        if t.type_name not in KINDS:
             raise WeightsError(
                 f"GGUF file {header.path}: tensor '{t.name}' has GGML type {t.type_name}, which qwen_mlx "
-                f"cannot read (readable: {', '.join(sorted(_READABLE))})"
+                f"cannot read (readable: {', '.join(sorted(KINDS))})"
             )
         if map_tensor_name(t.name) is None:
             raise WeightsError(f"GGUF file {header.path}: tensor '{t.name}' has no known Hugging Face name")
-
-
-def _load(header: GGUFHeader) -> Dict[str, mx.array]:
-    path = header.path
-    raw = None
-    if all(t.type_name in _MX_READABLE for t in header.tensors.values()):
+    t = next((t for t in header.tensors.values() if t.type_name in NEEDS_GGUF), None)
+    if t is not None:
         try:
-            raw = mx.load(str(path))
-        except (RuntimeError, ValueError, OSError) as e:
-            raise WeightsError(f"cannot read GGUF file {path}: {e}") from None
-    data = np.memmap(path, np.uint8, mode="r")
-    out: Dict[str, mx.array] = {}
-    dense = Counter()
+            from gguf import quants  # noqa: F401
+        except ImportError:
+            raise WeightsError(f"GGUF file {header.path}: tensor '{t.name}' has GGML type {t.type_name}; "
+                               f"dequantizing it needs the 'gguf' package (pip install gguf)") from None
+
+
+def _warn_dequantized(header: GGUFHeader) -> None:
+    dense = Counter(t.type_name for t in header.tensors.values() if t.type_name in DEQUANTIZED)
+    if not dense:
+        return
+    kinds = ", ".join(f"{k} x{n}" for k, n in sorted(dense.items()))
+    why = []
+    g16 = sorted(GROUPS_OF_16 & set(dense))
+    if g16:
+        why.append(f"{'/'.join(g16)} scale groups of 16 weights, which MLX affine quantization (groups of "
+                   f"32, 64 or 128) cannot express")
+    other = sorted(set(dense) - GROUPS_OF_16)
+    if other:
+        why.append(f"MLX has no kernel for {'/'.join(other)}")
+    warnings.warn(
+        f"GGUF file {header.path}: {sum(dense.values())} tensor(s) dequantized to float32 ({kinds}): "
+        f"{'; '.join(why)}; they take 4 bytes per weight in memory",
+        GGUFDequantizedWarning, stacklevel=3)
+
+
+def _qk_heads(header: GGUFHeader, config: Dict[str, Any]) -> Dict[str, int]:
+    """GGUF Q/K tensor -> its head count, for archs whose rows llama.cpp interleaved."""
+    if header.metadata["general.architecture"] not in _PERMUTED_QK:
+        return {}
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    out = {}
     for t in header.tensors.values():
-        stem = t.name[: -len(".weight")] if t.name.endswith(".weight") else t.name
-        names = (t.name, f"{stem}.scales", f"{stem}.biases")
-        blocks = data[t.offset : t.offset + t.nbytes]
-        if t.type_name == "Q4_K":
-            parts = dict(zip(names, _q4k_triplet(blocks, t)))
-        elif t.type_name == "BF16":
-            parts = {t.name: mx.array(blocks.view("<u2").reshape(t.shape)).view(mx.bfloat16)}
-        elif raw is not None and t.type_name in {*_PLAIN, *_QUANT_BITS}:
-            parts = _from_mx_load(raw, t, names, path)
-        elif t.type_name in _PLAIN:
-            parts = {t.name: mx.array(blocks.view(_PLAIN[t.type_name]).reshape(t.shape))}
-        elif t.type_name in _QUANT_BITS:
-            parts = dict(zip(names, _q80_triplet(blocks, t) if t.type_name == "Q8_0" else _q4x_triplet(blocks, t)))
-        else:
-            dense[t.type_name] += 1
-            x = _q6k_dense(blocks, t) if t.type_name == "Q6_K" else _gguf_dequantize(blocks, t, path)
-            parts = {t.name: x}
-        for k, v in parts.items():
-            out[map_tensor_name(k)] = v
-        if stem.endswith("ffn_gate_inp_shexp") and parts[t.name].ndim == 1:
-            out[map_tensor_name(t.name)] = parts[t.name][None]  # HF: Linear(hidden, 1)
-    if dense:
-        kinds = ", ".join(f"{k} x{n}" for k, n in sorted(dense.items()))
-        warnings.warn(
-            f"GGUF file {path}: {sum(dense.values())} tensor(s) dequantized to float32 because MLX has no "
-            f"kernel for their GGML types ({kinds}); they take 4 bytes per weight in memory",
-            GGUFDequantizedWarning, stacklevel=3)
+        m = re.match(r"^blk\.\d+\.(attn_[qk])\.", t.name)
+        if not m:
+            continue
+        n_head, rows = heads[m[1]], t.shape[0]
+        if rows % (2 * n_head):
+            raise WeightsError(f"GGUF file {header.path}: tensor '{t.name}' has shape {t.shape}; its rows are not "
+                               f"a multiple of 2 x {n_head} heads")
+        out[t.name] = n_head
     return out
 
 
-def _from_mx_load(raw: Dict[str, mx.array], t: TensorInfo, names, path: Path) -> Dict[str, mx.array]:
-    keys = names if t.type_name in _QUANT_BITS else names[:1]
-    for k in keys:
-        if k not in raw:
-            raise WeightsError(f"GGUF file {path}: MLX returned no {k.rsplit('.', 1)[1]} for tensor '{t.name}' ({t.type_name})")
-    return {k: raw.pop(k) for k in keys}
+def _unpermute_index(rows: int, n_head: int) -> np.ndarray:
+    """Rows that undo llama.cpp's Q/K interleave: per head, rows (d, 2) -> HF's (2, d)."""
+    return np.arange(rows).reshape(n_head, rows // n_head // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
-def _pack_nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Weights (..., 16) ``lo`` then (..., 16) ``hi`` (4-bit) -> MLX's (..., 4) uint32 words:
-    8 nibbles per little-endian word, the first weight in the low nibble."""
-    return np.ascontiguousarray(np.concatenate(
-        [lo[..., 0::2] | (lo[..., 1::2] << 4), hi[..., 0::2] | (hi[..., 1::2] << 4)], axis=-1)).view("<u4")
+class GGUFWeights(MutableMapping):
+    """HF-named weights of a GGUF file, read and decoded tensor by tensor.
 
-
-def _f16(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view("<f2")[..., 0]
-
-
-def _q4x_triplet(blocks: np.ndarray, t: TensorInfo):
-    """Q4_0 (d, 16 bytes: w = d*(q - 8)) or Q4_1 (d, m, 16 bytes: w = d*q + m) blocks of 32
-    -> MLX 4-bit triplet with float16 scales/biases; byte j holds weight j (low nibble) and
-    weight j + 16 (high nibble)."""
-    lead = t.shape[:-1]
-    head = 2 if t.type_name == "Q4_0" else 4
-    b = blocks.reshape(-1, head + 16)
-    d = _f16(b[:, 0:2])
-    m = (d.astype(np.float32) * -8).astype(np.float16) if t.type_name == "Q4_0" else _f16(b[:, 2:4])
-    qs = b[:, head:]
-    w = _pack_nibbles(qs & 15, qs >> 4).reshape(*lead, -1)
-    return mx.array(w), mx.array(d.reshape(*lead, -1)), mx.array(m.reshape(*lead, -1))
-
-
-def _q80_triplet(blocks: np.ndarray, t: TensorInfo):
-    """Q8_0 blocks (d, 32 int8: w = d*q) -> MLX 8-bit triplet: q + 128 with bias -128*d."""
-    lead = t.shape[:-1]
-    b = blocks.reshape(-1, 34)
-    d = _f16(b[:, 0:2])
-    q = (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    w = np.ascontiguousarray(q).view("<u4").reshape(*lead, -1)
-    bias = (d.astype(np.float32) * -128).astype(np.float16)
-    return mx.array(w), mx.array(d.reshape(*lead, -1)), mx.array(bias.reshape(*lead, -1))
-
-
-def _gguf_dequantize(blocks: np.ndarray, t: TensorInfo, path: Path) -> mx.array:
-    try:
-        from gguf import GGMLQuantizationType, quants
-    except ImportError:
-        raise WeightsError(f"GGUF file {path}: tensor '{t.name}' has GGML type {t.type_name}; dequantizing it "
-                           f"needs the 'gguf' package (pip install gguf)") from None
-    try:
-        x = quants.dequantize(np.asarray(blocks).reshape(*t.shape[:-1], -1), GGMLQuantizationType[t.type_name])
-    except (NotImplementedError, KeyError, ValueError) as e:
-        raise WeightsError(f"GGUF file {path}: cannot dequantize tensor '{t.name}' ({t.type_name}) with the "
-                           f"installed gguf package: {e}") from None
-    return mx.array(np.ascontiguousarray(x, dtype=np.float32).reshape(t.shape))
-
-
-def _q4k_triplet(blocks: np.ndarray, t: TensorInfo):
-    """Q4_K blocks -> exact MLX 4-bit affine triplet (group 32, float32 scales/biases).
-
-    A Q4_K super-block holds 256 weights as 8 sub-blocks of 32: w = d*sc[j]*q - dmin*m[j],
-    with 6-bit sc/m packed in 12 bytes and 4-bit q (low nibbles of 32 bytes, then high).
+    The keys are known from the header. Looking up any part of a tensor (``weight``,
+    ``scales``, ``biases``) reads and decodes that tensor and caches its parts; `pop` and
+    ``del`` forget them. So a plain dict-like use (the loader) decodes each tensor once,
+    and popping every key in turn (the converter) holds one tensor at a time.
+    `layout()`: every key's shape and dtype, from the header alone.
     """
-    b = blocks.reshape(-1, 144)
-    d = _f16(b[:, 0:2])[:, None].astype(np.float32)
-    dmin = _f16(b[:, 2:4])[:, None].astype(np.float32)
-    lo, hi, ex = b[:, 4:8], b[:, 8:12], b[:, 12:16]
-    sc = np.concatenate([lo & 63, (ex & 15) | ((lo >> 6) << 4)], axis=1)
-    mn = np.concatenate([hi & 63, (ex >> 4) | ((hi >> 6) << 4)], axis=1)
-    qs = b[:, 16:].reshape(-1, 4, 32)
-    packed = _pack_nibbles(qs & 15, qs >> 4)  # chunk k: weights 64k..64k+31 (low), 64k+32.. (high)
-    lead = t.shape[:-1]
-    return (
-        mx.array(packed.reshape(*lead, t.shape[-1] // 8)),
-        mx.array((d * sc).reshape(*lead, -1)),
-        mx.array((-dmin * mn).reshape(*lead, -1)),
-    )
 
+    def __init__(self, header: GGUFHeader, qk_heads: Optional[Dict[str, int]] = None):
+        self.header, self.path, self.qk_heads = header, header.path, qk_heads or {}
+        self._src: Dict[str, Tuple[Optional[TensorInfo], str]] = {}  # key -> (tensor, part)
+        self._keys: Dict[str, list] = {}  # tensor name -> its keys
+        for t in header.tensors.values():
+            stem = t.name[: -len(".weight")] if t.name.endswith(".weight") else t.name
+            for part, _, _ in KINDS[t.type_name].parts:
+                k = map_tensor_name(t.name if part == "weight" else f"{stem}.{part}")
+                if k in self._src:
+                    raise WeightsError(f"GGUF file {self.path}: tensors '{self._src[k][0].name}' and '{t.name}' "
+                                       f"both map to '{k}'")
+                self._src[k] = (t, part)
+                self._keys.setdefault(t.name, []).append(k)
+        self._cache: Dict[str, mx.array] = {}
 
-def _q6k_dense(blocks: np.ndarray, t: TensorInfo) -> mx.array:
-    """Q6_K blocks -> float32: 256 weights = 16 sub-blocks of 16, w = d*sc[j]*(q - 32), with
-    6-bit q split into 4 low bits (128 bytes) and 2 high bits (64 bytes), int8 sc, float16 d."""
-    b = blocks.reshape(-1, 210)
-    ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
-    low = np.concatenate([ql & 15, ql >> 4], axis=-1)
-    high = np.concatenate([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
-    q = ((low | (high << 4)).astype(np.int8) - 32).reshape(-1, 16, 16)
-    d = _f16(b[:, 208:210])[:, None].astype(np.float32)
-    scale = d * b[:, 192:208].view(np.int8).astype(np.float32)
-    return mx.array((scale[..., None] * q).reshape(t.shape))
+    @staticmethod
+    def _shape(t: TensorInfo, lay: TensorLayout) -> TensorLayout:
+        if t.name.endswith("ffn_gate_inp_shexp.weight") and len(t.shape) == 1:
+            return TensorLayout((1, *lay.shape), lay.dtype)  # HF: Linear(hidden, 1)
+        return lay
 
+    def layout(self) -> Dict[str, TensorLayout]:
+        out, lays = {}, {}
+        for k, (t, part) in self._src.items():
+            if t is None:
+                v = self._cache[k]
+                out[k] = TensorLayout(tuple(v.shape), v.dtype)
+                continue
+            if t.name not in lays:
+                lays[t.name] = layout(t)
+            out[k] = self._shape(t, lays[t.name][part])
+        return out
 
-def _unpermute_qk(weights: Dict[str, mx.array], config: Dict[str, Any], path: Path) -> None:
-    """Undo llama.cpp's Q/K row interleave: per head, rows (d, 2) -> HF's (2, d)."""
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    perms: Dict[tuple, mx.array] = {}
-    for name, w in list(weights.items()):
-        m = re.match(r"^model\.layers\.\d+\.self_attn\.([qk]_proj)\.", name)
-        if not m:
-            continue
-        n_head, rows = heads[m[1]], w.shape[0]
-        if rows % (2 * n_head):
-            raise WeightsError(f"GGUF file {path}: tensor '{name}' has {rows} rows, not a multiple of 2 x {n_head} heads")
-        if (rows, n_head) not in perms:
-            idx = np.arange(rows).reshape(n_head, rows // n_head // 2, 2).transpose(0, 2, 1).reshape(-1)
-            perms[(rows, n_head)] = mx.array(idx)
-        weights[name] = mx.take(w, perms[(rows, n_head)], axis=0)
+    def _read(self, t: TensorInfo) -> Dict[str, mx.array]:
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if t.offset + t.nbytes > size:
+                    raise WeightsError(f"GGUF file {self.path} is truncated (changed since it was opened?): tensor "
+                                       f"'{t.name}' needs bytes up to {t.offset + t.nbytes} but file has {size}")
+                parts = decode(f, t, self.path)
+        except OSError as e:
+            raise WeightsError(f"cannot read tensor '{t.name}' from GGUF file {self.path}: {e}") from None
+        n_head = self.qk_heads.get(t.name)
+        if n_head:
+            idx = mx.array(_unpermute_index(t.shape[0], n_head))
+            parts = {p: mx.take(v, idx, axis=0) for p, v in parts.items()}
+        if t.name.endswith("ffn_gate_inp_shexp.weight") and len(t.shape) == 1:
+            parts = {p: v[None] for p, v in parts.items()}  # HF: Linear(hidden, 1)
+        return parts
+
+    def __getitem__(self, key: str) -> mx.array:
+        if key in self._cache:
+            return self._cache[key]
+        t, _ = self._src[key]  # KeyError for unknown keys
+        parts = self._read(t)
+        for k in self._keys[t.name]:
+            if self._src.get(k, (None,))[0] is t:  # not popped or replaced
+                self._cache[k] = parts[self._src[k][1]]
+        return self._cache[key]
+
+    def __setitem__(self, key: str, value: mx.array) -> None:
+        self._src[key] = (None, "weight")
+        self._cache[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._src[key]
+        self._cache.pop(key, None)
+
+    def __contains__(self, key) -> bool:
+        return key in self._src
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._src))
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def __repr__(self) -> str:
+        return f"GGUFWeights({self.path}, {len(self)} tensors, {len(self._cache)} decoded)"

@@ -8,7 +8,7 @@ conversion killed at any moment leaves no DST.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -16,6 +16,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..errors import QwenMLXError, WeightsError
+from ..loading.layouts import layout_of
 from ..loading.loader import _quant_params, build_model, load_checkpoint, resolve_model_path
 from ..loading.writer import SHARD_BYTES, ShardWriter, staged_dir, write_side_files
 from .plan import Plan, make_plan, natural_key
@@ -120,13 +121,14 @@ def convert(src, dst, opts: Optional[ConvertOptions] = None, progress: Progress 
     expected = dict(tree_flatten(model.parameters()))
     plan = make_plan(model, recipe=opts.recipe, bits=opts.bits, group_size=opts.group_size,
                      mode=opts.mode, keep_bits=opts.keep_bits)
-    packed = _source_layout(ck, expected)
+    layout = getattr(ck.weights, "layout", None)  # a GGUF source: shapes from its header, no data read
+    packed = _source_layout(replace(ck, weights=layout()) if layout else ck, expected)
     del model
     names = sorted(expected, key=natural_key)
     errors: List[TensorError] = []
     weights = ck.weights
     with staged_dir(dst, overwrite=opts.overwrite) as tmp:
-        writer = ShardWriter(tmp, opts.shard_bytes)
+        writer = ShardWriter(tmp, opts.shard_bytes, layout_of(ck.config))
         for i, name in enumerate(names):
             base, leaf = name.rsplit(".", 1)
             if leaf == "weight" and base in plan.specs:
@@ -149,8 +151,6 @@ def convert(src, dst, opts: Optional[ConvertOptions] = None, progress: Progress 
         cfg = {k: v for k, v in ck.config.items() if k not in ("quantization", "quantization_config")}
         q = plan.config()
         if q is not None:
-            # VL: mlx-vlm looks per-module specs up by its own names of the tower's modules
-            q.update({"vision_tower." + k[7:]: v for k, v in list(q.items()) if k.startswith("visual.")})
             cfg["quantization"] = q
             cfg["quantization_config"] = q  # mlx-lm writes both (HF tooling reads the latter)
         cfg["torch_dtype"] = dname

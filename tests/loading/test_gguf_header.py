@@ -101,6 +101,9 @@ def _header(version=3, n_tensors=0, n_kv=0):
         (_header(n_tensors=1) + struct.pack("<Q", 1) + b"t" + struct.pack("<IQIQ", 1, 8, 0, 4) + bytes(64), "not 32-aligned"),
         (_header(n_tensors=1) + struct.pack("<Q", 1) + b"t" + struct.pack("<IQIQ", 1, 64, 0, 0) + bytes(64), "tensor 't' needs bytes up to 320 but file has"),
         (_header(n_tensors=2) + (struct.pack("<Q", 1) + b"t" + struct.pack("<IQIQ", 1, 8, 0, 0)) * 2 + bytes(64), "appears twice"),
+        # a Q4_0 tensor of 64 weights (2 blocks, 36 bytes) runs into the next tensor at byte 32
+        (_header(n_tensors=2) + struct.pack("<Q", 1) + b"a" + struct.pack("<IQIQ", 1, 64, 2, 0) + struct.pack("<Q", 1)
+         + b"b" + struct.pack("<IQIQ", 1, 8, 0, 32) + bytes(128), "tensors 'a' and 'b' overlap"),
     ],
 )
 def test_bad_headers(tmp_path, blob, msg):

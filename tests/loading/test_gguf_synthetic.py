@@ -111,8 +111,9 @@ def k_blocks(rng, qtype, rows, cols):
     return b.reshape(rows, -1)
 
 
-def write_gguf(path, arch, meta_drop=(), extra=None, types=None, alignment=None, gguf_arch=None):
-    """Write a tiny `arch` GGUF; return {hf_name: expected float32 HF-layout array}."""
+def write_gguf(path, arch, meta_drop=(), extra=None, types=None, alignment=None, gguf_arch=None, hook=None):
+    """Write a tiny `arch` GGUF; return {hf_name: expected float32 HF-layout array}.
+    ``hook(writer)`` may add metadata (e.g. a tokenizer)."""
     a, rng = ARCHS[arch], np.random.default_rng(sum(map(ord, arch)))
     types = TYPES[arch] if types is None else types
     w = gguf.GGUFWriter(str(path), gguf_arch or arch)
@@ -131,6 +132,8 @@ def write_gguf(path, arch, meta_drop=(), extra=None, types=None, alignment=None,
         if k not in meta_drop:
             add = w.add_string if isinstance(v, str) else w.add_float32 if isinstance(v, float) else w.add_uint32
             add(f"{gguf_arch or arch}.{k}", v)
+    if hook:
+        hook(w)
     expected = {}
     for gname, hname, shape in tensor_specs(arch):
         x = rng.standard_normal(shape).astype(np.float32) * 0.5
