@@ -1,5 +1,6 @@
 """`qwen-mlx info`: architecture, parameter counts, bits and a memory estimate,
-read from shapes alone (lazy arrays: no weight data is read)."""
+read from shapes alone (a GGUF file's header, a checkpoint's lazy arrays: no weight data
+is read)."""
 
 from collections import Counter
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .loading.loader import build_model, load_checkpoint, resolve_model_path
+from .loading.loader import build_model, load_checkpoint, quant_layout, resolve_model_path
 from .registry import get_family
 
 
@@ -20,7 +21,9 @@ def _bytes_on_disk(path: Path) -> int:
 def checkpoint_info(path_or_id) -> dict:
     path = resolve_model_path(path_or_id)
     ck = load_checkpoint(path)
-    cfg, w = ck.config, ck.weights
+    cfg = ck.config
+    layout = getattr(ck.weights, "layout", None)  # a GGUF file: shapes and dtypes from its header
+    w = layout() if layout else ck.weights
     model = build_model(cfg)  # parameters stay unevaluated
     a = model.args
     logical = dict(tree_flatten(model.parameters()))
@@ -30,14 +33,14 @@ def checkpoint_info(path_or_id) -> dict:
     kinds = Counter()
     stored = 0
     for k, v in w.items():
-        if k.endswith((".scales", ".biases")) and k.rsplit(".", 1)[0] + ".weight" in w and \
-                w[k.rsplit(".", 1)[0] + ".weight"].dtype == mx.uint32:
-            stored += v.nbytes
-            continue
         stored += v.nbytes
-        if v.dtype == mx.uint32 and k in logical:
-            bits = v.shape[-1] * 32 // logical[k].shape[-1]
-            kinds[f"{bits}-bit"] += logical[k].size
+        base, leaf = k.rsplit(".", 1)
+        packed = base + ".weight" in w and w[base + ".weight"].dtype == mx.uint32 and base + ".scales" in w
+        if leaf in ("scales", "biases") and packed:
+            continue
+        if leaf == "weight" and packed and k in logical:
+            q = quant_layout(cfg, base, v, w[base + ".scales"], logical[k].shape[-1], w.get(base + ".biases"))
+            kinds[f"{q['bits']}-bit" if q["mode"] == "affine" else q["mode"]] += logical[k].size
         else:
             kinds[str(v.dtype).replace("mlx.core.", "")] += v.size
     kv_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim

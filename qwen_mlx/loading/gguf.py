@@ -10,13 +10,18 @@ looked up (plain file reads, a chunk of blocks at a time: `gguf_blocks`). Per GG
   group size 32), bit for bit what `mx.load` gives.
 - Q4_K, Q5_0, Q5_1, Q5_K: exact 4/5-bit MLX affine triplets, group 32, float32 scales and
   biases, holding the file's integers (`mx.load` mis-decodes Q4_K and cannot read Q5_*).
-- Q6_K, Q2_K, Q3_K (scale groups of 16 weights, which MLX affine cannot express) and IQ*,
-  TQ*, MXFP4, NVFP4: dequantized exactly to float32, with a `GGUFDequantizedWarning`
-  naming the types and counts (Q6_K by our decoder, the rest by `gguf.quants`).
+- MXFP4, NVFP4: MLX `mxfp4` / `nvfp4` weights (uint8 scales, group 32 / 16), the file's
+  bits reordered.
+- TQ1_0, TQ2_0: exact 2-bit MLX affine triplets, group 128, float32 scales and biases.
+- Q6_K, Q2_K, Q3_K (scale groups of 16 weights, which MLX affine cannot express) and IQ*:
+  dequantized exactly to float32, with a `GGUFDequantizedWarning` naming the types and
+  counts (Q6_K by our decoder, the rest by `gguf.quants`).
 - Types nothing decodes (Q8_1, Q8_K, I64, F64, Q1_0) are refused up front.
 
 A consumer that pops every key in turn (the converter, `save_checkpoint`) holds one
-tensor at a time; `GGUFWeights.layout()` gives every shape and dtype without reading data.
+tensor at a time; `GGUFWeights.layout()` gives every shape and dtype without reading data;
+`GGUFWeights.read_all()` (what `load_model` wants) reads everything at once, through one
+`mx.load` (MLX's C++ reader) when every type is one it returns exactly as we decode it.
 
 llama.cpp permutes the Q/K rows of `llama` checkpoints into the interleaved RoPE
 layout; we undo it so every family uses HF's rotate-half layout.
@@ -35,8 +40,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ConfigError, WeightsError
-from .gguf_blocks import (DEQUANTIZED, GROUP_SIZE, GROUPS_OF_16, KINDS, NEEDS_GGUF, QUANT_BITS, TensorLayout,
-                          decode, layout)
+from .gguf_blocks import DEQUANTIZED, GROUPS_OF_16, KINDS, NEEDS_GGUF, QUANTIZED, TensorLayout, decode, layout
 from .gguf_header import GGUFHeader, TensorInfo, read_header
 
 __all__ = ["GGUFCheckpoint", "GGUFDequantizedWarning", "GGUFWeights", "read_gguf", "GGUF_ARCHITECTURES",
@@ -52,6 +56,8 @@ GGUF_ARCHITECTURES = {
 }
 _MOE = {"qwen2moe", "qwen3moe"}
 _PERMUTED_QK = {"llama"}  # archs whose converter interleaves Q/K rows
+# GGML types `mx.load` returns bit for bit as our decoders do (it makes BF16 float16)
+MX_LOAD_TYPES = frozenset({"F32", "F16", "I8", "I16", "I32", "Q4_0", "Q4_1", "Q8_0"})
 
 # GGUF tensor stem -> HF module path; "{n}" is the block index. Stacked experts
 # keep their (E, out, in) layout under mlp.switch_mlp (mlx-lm's SwitchGLU names).
@@ -221,16 +227,20 @@ def _rope_scaling(meta, arch, path, get) -> Optional[Dict[str, Any]]:
 
 
 def _quantization(header: GGUFHeader) -> Optional[Dict[str, Any]]:
-    """mlx-lm style quantization config: the common bits, plus per-module overrides."""
-    bits = {}
+    """mlx-lm style quantization config: the most common (bits, group size, mode), plus
+    per-module overrides (with a mode where it is not affine)."""
+    specs = {}
     for t in header.tensors.values():
-        if t.type_name in QUANT_BITS:
-            bits[map_tensor_name(t.name).rsplit(".", 1)[0]] = QUANT_BITS[t.type_name]
-    if not bits:
+        k = QUANTIZED.get(t.type_name)
+        if k:
+            specs[map_tensor_name(t.name).rsplit(".", 1)[0]] = (k.bits, k.group, k.mode)
+    if not specs:
         return None
-    common = Counter(bits.values()).most_common(1)[0][0]
-    q: Dict[str, Any] = {"group_size": GROUP_SIZE, "bits": common, "mode": "affine"}
-    q.update({m: {"group_size": GROUP_SIZE, "bits": b} for m, b in sorted(bits.items()) if b != common})
+    common = Counter(specs.values()).most_common(1)[0][0]
+    q: Dict[str, Any] = {"group_size": common[1], "bits": common[0], "mode": common[2]}
+    for m, (bits, group, mode) in sorted(specs.items()):
+        if (bits, group, mode) != common:
+            q[m] = {"group_size": group, "bits": bits, **({"mode": mode} if mode != "affine" else {})}
     return q
 
 
@@ -345,11 +355,17 @@ class GGUFWeights(MutableMapping):
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if t.offset + t.nbytes > size:
-                    raise WeightsError(f"GGUF file {self.path} is truncated (changed since it was opened?): tensor "
-                                       f"'{t.name}' needs bytes up to {t.offset + t.nbytes} but file has {size}")
+                    raise self._truncated(t, size)
                 parts = decode(f, t, self.path)
         except OSError as e:
             raise WeightsError(f"cannot read tensor '{t.name}' from GGUF file {self.path}: {e}") from None
+        return self._finish(t, parts)
+
+    def _truncated(self, t: TensorInfo, size: int) -> WeightsError:
+        return WeightsError(f"GGUF file {self.path} is truncated (changed since it was opened?): tensor "
+                            f"'{t.name}' needs bytes up to {t.offset + t.nbytes} but file has {size}")
+
+    def _finish(self, t: TensorInfo, parts: Dict[str, mx.array]) -> Dict[str, mx.array]:
         n_head = self.qk_heads.get(t.name)
         if n_head:
             idx = mx.array(_unpermute_index(t.shape[0], n_head))
@@ -358,15 +374,45 @@ class GGUFWeights(MutableMapping):
             parts = {p: v[None] for p, v in parts.items()}  # HF: Linear(hidden, 1)
         return parts
 
+    def _store(self, t: TensorInfo, parts: Dict[str, mx.array]) -> None:
+        for k in self._keys[t.name]:
+            if self._src.get(k, (None,))[0] is t:  # not popped or replaced
+                self._cache[k] = parts[self._src[k][1]]
+
     def __getitem__(self, key: str) -> mx.array:
         if key in self._cache:
             return self._cache[key]
         t, _ = self._src[key]  # KeyError for unknown keys
-        parts = self._read(t)
-        for k in self._keys[t.name]:
-            if self._src.get(k, (None,))[0] is t:  # not popped or replaced
-                self._cache[k] = parts[self._src[k][1]]
+        self._store(t, self._read(t))
         return self._cache[key]
+
+    def read_all(self) -> "GGUFWeights":
+        """Read every tensor not read yet, for a consumer that wants them all (`load_model`).
+        When all of them have types `mx.load` returns exactly as our decoders do
+        (`MX_LOAD_TYPES`) and they are most of the file, one `mx.load` (MLX's C++ reader)
+        reads them; otherwise, if it fails, and for any tensor it returns otherwise than
+        `layout()` says, they are decoded tensor by tensor."""
+        todo = {t.name: t for k, (t, _) in self._src.items() if t is not None and k not in self._cache}
+        tensors = self.header.tensors.values()
+        raw = {}
+        if todo and all(t.type_name in MX_LOAD_TYPES for t in todo.values()) and \
+                2 * sum(t.nbytes for t in todo.values()) >= sum(t.nbytes for t in tensors):
+            size, last = os.stat(self.path).st_size, max(tensors, key=lambda t: t.offset + t.nbytes)
+            if last.offset + last.nbytes > size:
+                raise self._truncated(last, size)
+            try:
+                raw = mx.load(str(self.path))
+            except (RuntimeError, ValueError, OSError):
+                pass  # the per-tensor reads below say what is wrong, naming the tensor
+        for t in todo.values():
+            lay, stem = layout(t), t.name[: -len(".weight")] if t.name.endswith(".weight") else t.name
+            parts = {p: raw.pop(t.name if p == "weight" else f"{stem}.{p}", None) for p in lay}
+            if all(v is not None and (tuple(v.shape), v.dtype) == (want.shape, want.dtype)
+                   for v, want in zip(parts.values(), lay.values())):
+                self._store(t, self._finish(t, parts))
+            else:
+                self._store(t, self._read(t))
+        return self
 
     def __setitem__(self, key: str, value: mx.array) -> None:
         self._src[key] = (None, "weight")

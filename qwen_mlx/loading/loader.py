@@ -179,6 +179,8 @@ def model_from_checkpoint(ck: Checkpoint, *, dtype: Optional[mx.Dtype] = None,
     ``fuse``: q/k/v and gate/up as one projection each (models/fuse.py; the checkpoint's
     tensors it supersedes are dropped from ``ck.weights`` so that they are not kept)."""
     cfg, weights = ck.config, ck.weights
+    if hasattr(weights, "read_all"):  # a GGUF file: every tensor at once (one mx.load where it can)
+        weights.read_all()
     dtype = dtype or default_dtype(cfg)
     if dequantize is None:
         dequantize = mx.default_device() == mx.cpu

@@ -95,6 +95,11 @@ def _header(version=3, n_tensors=0, n_kv=0):
         (_header(n_kv=1) + struct.pack("<Q", 50) + b"abc", "metadata key #0 needs bytes up to 82 but file has 35"),
         (_header(n_kv=1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 99) + bytes(8), "unknown value type 99"),
         (_header(n_kv=1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 4, 2**40), "metadata 'k' needs bytes"),
+        # string arrays: a length running past the end, then a file ending inside a length
+        (_header(n_kv=1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 8, 2) + struct.pack("<Q", 1) + b"a"
+         + struct.pack("<Q", 100) + bytes(12), "metadata 'k' needs bytes up to 166 but file has 78"),
+        (_header(n_kv=1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 8, 2) + struct.pack("<Q", 10)
+         + b"abcdefghij" + bytes(4), "metadata 'k' needs bytes up to 75 but file has 71"),
         (_header(n_tensors=1) + struct.pack("<Q", 1) + b"t" + struct.pack("<I", 9) + bytes(40), "has 9 dimensions"),
         (_header(n_tensors=1) + struct.pack("<Q", 1) + b"t" + struct.pack("<IQIQ", 1, 8, 77, 0) + bytes(64), "unknown GGML type id 77"),
         (_header(n_tensors=1) + struct.pack("<Q", 1) + b"t" + struct.pack("<IQIQ", 1, 31, 2, 0) + bytes(64), "not a multiple of the Q4_0 block size"),

@@ -108,6 +108,8 @@ def k_blocks(rng, qtype, rows, cols):
     b = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
     for off, v in F16_FIELDS[qtype].items():
         b[..., off:off + 2] = np.full(b.shape[:2], v, np.float16)[..., None].view(np.uint8)
+    if qtype == T.NVFP4:  # UE4M3 scales 2^-4 .. 0.94 (ggml's quantizer never writes 0x7F or bit 7)
+        b[..., :4] = rng.integers(0x18, 0x38, (*b.shape[:2], 4))
     return b.reshape(rows, -1)
 
 

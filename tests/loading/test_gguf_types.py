@@ -1,5 +1,6 @@
 """GGML types MLX has no kernel for: dequantized exactly (gguf.quants.dequantize) with a
-notice, while Q4_0/Q4_1/Q8_0 (and Q4_K, Q5_*: test_gguf_q5) stay MLX quantized triplets."""
+notice, while Q4_0/Q4_1/Q8_0 (and Q4_K, Q5_*: test_gguf_q5; MXFP4, NVFP4, TQ*: test_gguf_mxfp4)
+stay MLX quantized."""
 
 import sys
 
@@ -18,9 +19,9 @@ from tests.loading.test_gguf_synthetic import TYPES, V, write_gguf  # noqa: E402
 
 # type -> the llama tensor it goes on: 256-wide rows for super-block types, else 64-wide
 WIDE, NARROW = "blk.1.ffn_down.weight", "blk.1.attn_v.weight"
-DEQUANTIZED = {T.IQ4_NL: NARROW, T.MXFP4: NARROW, T.NVFP4: NARROW,
-               T.Q2_K: WIDE, T.Q3_K: WIDE, T.IQ4_XS: WIDE, T.IQ2_XXS: WIDE, T.IQ3_S: WIDE,
-               T.TQ1_0: WIDE, T.TQ2_0: WIDE}
+# (MXFP4, NVFP4, TQ1_0 and TQ2_0 stay quantized: test_gguf_mxfp4)
+DEQUANTIZED = {T.IQ4_NL: NARROW,
+               T.Q2_K: WIDE, T.Q3_K: WIDE, T.IQ4_XS: WIDE, T.IQ2_XXS: WIDE, T.IQ3_S: WIDE}
 HF = {WIDE: "model.layers.1.mlp.down_proj.weight", NARROW: "model.layers.1.self_attn.v_proj.weight"}
 
 
