@@ -16,6 +16,7 @@ from .cache import can_trim_prompt_cache, trim_prompt_cache
 from .errors import PromptError
 from .generation_config import SamplingParams
 from .models.linear import eager_decode
+from .models.step import DecodeStep
 
 
 @dataclass
@@ -105,7 +106,7 @@ def generate_tokens(model, prompt: Sequence[int], params: SamplingParams,
     greedy = not params.temperature  # argmax needs no normalised log-probabilities
 
     def step(x: mx.array):
-        logits = model(x[None], cache=cache)[:, -1, :]
+        logits = decode(x[None])
         if procs:
             for p in procs:
                 logits = p(history, logits)
@@ -130,12 +131,13 @@ def generate_tokens(model, prompt: Sequence[int], params: SamplingParams,
         mx.eval([c.state for c in cache])
         pc.tokens += todo[:n]
         todo = todo[n:]
+    decode = DecodeStep(model, cache)  # compiled where enabled (models/step.py); after prefill: M-RoPE delta known
     y = step(mx.array(todo))
     pc.tokens += todo
     mx.async_eval(y)
     # Overlap: queue step n+1 before reading token n. Where building a step already runs it
     # (the CPU backend's BLAS sgemv decode, models/linear.py) read token n first instead.
-    eager = eager_decode()
+    eager = eager_decode() and not decode.compiled
     n, t1 = 0, None
     while n < max_tokens:
         nxt = advance(y) if not eager and n + 1 < max_tokens else None

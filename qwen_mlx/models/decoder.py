@@ -10,11 +10,11 @@ from typing import Any, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.switch_layers import SwitchGLU, _gather_sort, _scatter_unsort
 
 from ..config import require
+from .fastmath import sdpa, swiglu
 from .linear import Linear, head, on_cpu, project, quantized_project
 from .mrope import MRoPE, apply_rotary
 from .rope import make_rope
@@ -148,7 +148,10 @@ class Attention(nn.Module):
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        if L > 1 and not hasattr(cache, "bits"):  # prefill: fast CPU attention (fastmath)
+            out = sdpa(q, k, v, self.scale, mask)
+        else:
+            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

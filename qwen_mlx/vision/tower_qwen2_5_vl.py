@@ -16,6 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import ConfigError
+from ..models import fastmath
 from .tower_qwen2_vl import PatchMerger
 from .vit import AttnPlan, PatchEmbed, ViTConfig, VisionBlock, VisionTower, activation, frame_segments, rms_norm
 
@@ -76,7 +77,8 @@ class VisionMlp(nn.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(fastmath.swiglu(g, u) if self.act is fastmath.silu else self.act(g) * u)
 
 
 class VisionModel(VisionTower):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..models import fastmath
 from .vit import PatchEmbed, ViTConfig, VisionBlock, VisionTower, activation, layer_norm
 
 
@@ -44,7 +45,7 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.hidden = cfg.hidden_size * cfg.spatial_merge_size**2
         self.ln_q = norm(cfg.hidden_size)
-        self.mlp = [nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, cfg.out_hidden_size)]
+        self.mlp = [nn.Linear(self.hidden, self.hidden), fastmath.GELU(), nn.Linear(self.hidden, cfg.out_hidden_size)]
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.ln_q(x).reshape(-1, self.hidden)

@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import ConfigError
+from ..models import fastmath
 from .vit import GridPlan, PatchEmbed, ViTConfig, VisionBlock, VisionTower, activation, layer_norm
 
 
@@ -92,7 +93,7 @@ class PatchMerger(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.norm(x.reshape(-1, self.hidden)) if self.postshuffle else self.norm(x).reshape(-1, self.hidden)
-        return self.linear_fc2(nn.gelu(self.linear_fc1(x)))
+        return self.linear_fc2(fastmath.gelu(self.linear_fc1(x)))
 
 
 class VisionModel(VisionTower):

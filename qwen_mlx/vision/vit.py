@@ -30,16 +30,17 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import ConfigError, VisionInputError
+from ..models import fastmath
 from ..models.mrope import apply_rotary
 from .inputs import TowerOutput
 
 
-ACTIVATIONS: Dict[str, Callable] = {
-    "quick_gelu": nn.gelu_fast_approx,  # x * sigmoid(1.702 x)
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "gelu_new": nn.gelu_approx,
-    "gelu": nn.gelu,
-    "silu": nn.silu,
+ACTIVATIONS: Dict[str, Callable] = {  # nn.* on Metal/CUDA; fast float32 kernels on the CPU (fastmath)
+    "quick_gelu": fastmath.quick_gelu,  # x * sigmoid(1.702 x)
+    "gelu_pytorch_tanh": fastmath.gelu_tanh,
+    "gelu_new": fastmath.gelu_tanh,
+    "gelu": fastmath.gelu,
+    "silu": fastmath.silu,
 }
 
 
@@ -216,7 +217,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, plan: AttnPlan, scale: floa
         q, k, v = (a[plan.gather] for a in (q, k, v))
     S = plan.segments if plan.kind in ("dense", "padded") else 1
     q, k, v = (a.reshape(S, -1, H, hd).transpose(0, 2, 1, 3) for a in (q, k, v))
-    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=plan.mask)
+    o = fastmath.sdpa(q, k, v, scale, plan.mask)  # mx.fast.scaled_dot_product_attention off the CPU
     o = o.transpose(0, 2, 1, 3).reshape(-1, H * hd)
     return o[plan.scatter] if plan.kind == "padded" else o
 

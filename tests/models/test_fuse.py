@@ -140,3 +140,23 @@ def test_gpu_code_path_fused_equals_unfused(monkeypatch, bits):
     gpu_path = np.array(fused(IDS))
     assert rel_err(gpu_path, np.array(plain(IDS))) < 1e-5
     assert rel_err(gpu_path, cpu) < 1e-5
+
+
+@pytest.mark.parametrize("cfg,bits,dtype", [(QWEN3_MOE, 4, mx.float32), (QWEN2, 0, mx.bfloat16)],
+                         ids=["moe-q4", "qwen2-bf16"])
+def test_benchmark_served_model_is_what_the_loader_binds(cfg, bits, dtype):
+    """benchmarks/run.py builds its "as loaded" model from the fused quantized / half model
+    directly (no per-projection temporaries): the same arrays as `model_from_checkpoint`."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).parents[2] / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ck = random_checkpoint(cfg, bits)
+    ours = model_from_checkpoint(ck, dtype=dtype, dequantize=False)
+    ref = dict(tree_flatten(model_from_checkpoint(Checkpoint(ck.config, unfused_parameters(ours), "t")).parameters()))
+    got = dict(tree_flatten(bench.served(ours, {k: v for k, v in cfg.items()}, bits).parameters()))
+    assert sorted(got) == sorted(ref) and "model.layers.0.self_attn.qkv_proj.weight" in got
+    for k, v in ref.items():
+        assert v.dtype == got[k].dtype == mx.float32 and mx.array_equal(v, got[k]).item(), k

@@ -123,3 +123,22 @@ def test_linear_is_a_drop_in_nn_linear():
     assert isinstance(lin, nn.Linear) and sorted(lin.parameters()) == ["bias", "weight"]
     x = mx.random.normal((2, 3, 8))
     np.testing.assert_allclose(np.array(lin(x)), np.array(x @ lin.weight.T + lin.bias), atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,group", [(2, 32), (4, 64), (8, 128), (3, 64), (6, 32)])
+@pytest.mark.parametrize("scale_dtype", [mx.float32, mx.bfloat16])
+def test_dequantize_equals_mlx(bits, group, scale_dtype):
+    """The CPU unpacking (2/4/8 bits; others fall back) gives MLX's values exactly, for a
+    matrix and for stacked experts."""
+    for shape in ((96, 256), (3, 40, 128)):
+        w = mx.random.normal(shape, key=mx.random.key(bits))
+        q, s, b = mx.quantize(w, group_size=group, bits=bits)
+        s, b = s.astype(scale_dtype), b.astype(scale_dtype)
+        for dt in (mx.float32, mx.bfloat16):
+            ref = mx.dequantize(q, s, b, group_size=group, bits=bits, dtype=dt)
+            got = L.dequantize(q, s, b, group, bits, dtype=dt)
+            assert got.dtype == dt and got.shape == shape
+            assert mx.array_equal(got, ref).item(), (shape, dt)
+    q, s = mx.quantize(w, group_size=32, bits=4, mode="mxfp4")  # no biases: MLX's kernel
+    assert mx.array_equal(L.dequantize(q, s, None, 32, 4, mode="mxfp4"),
+                          mx.dequantize(q, s, None, 32, 4, mode="mxfp4")).item()
