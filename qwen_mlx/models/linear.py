@@ -165,7 +165,8 @@ def dequantize(w: mx.array, s: mx.array, b: Optional[mx.array], group_size: int,
     """`mx.dequantize`; on the CPU, affine 2/4/8-bit weights are unpacked by shifts and masks
     in one fused kernel instead (MLX's CPU kernel writes ~0.2 GB/s of float32 here, this
     ~2.5x that; the same values: ``code * scale + bias`` in the scales' precision)."""
-    if mode != "affine" or b is None or 32 % bits or not on_cpu() or w.shape[-1] * 32 != s.shape[-1] * group_size * bits:
+    packed = w.shape[-1] * 32 == s.shape[-1] * group_size * bits
+    if mode != "affine" or b is None or 32 % bits or not packed or not on_cpu():
         return mx.dequantize(w, s, b, group_size, bits, mode=mode, dtype=dtype)
     G, per = s.shape[-1], 32 // bits  # groups per row, codes per uint32 (lowest bits first)
     codes = w.reshape(*w.shape[:-1], G, group_size // per)

@@ -102,6 +102,23 @@ def test_one_trace_per_capacity(monkeypatch):
     assert len(calls) == 1
 
 
+def test_kv_write_is_in_place():
+    """The traced step updates the caches' buffers in place (MLX donates them): a step adds
+    no copy of the KV cache to the peak."""
+    model = model_for({**QWEN3, "num_attention_heads": 8, "num_key_value_heads": 8})
+    _, cache = decode(model, True, n=8)
+    step = S.DecodeStep(model, cache, compiled=True)
+    y = mx.array([[3]])
+    mx.eval(step(y))
+    kv = sum(c.keys.nbytes + c.values.nbytes for c in cache)
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    for _ in range(4):
+        y = mx.argmax(step(y), axis=-1)[:, None]
+        mx.eval(y)
+    assert kv >= 2**21 and mx.get_peak_memory() - base < kv / 8
+
+
 def test_generate_tokens_same_with_and_without(speed):
     model = model_for(QWEN3)
     prompt = PROMPT[0, :40].tolist()
