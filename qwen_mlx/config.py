@@ -15,7 +15,8 @@ from typing import Any, Dict
 
 from .errors import ConfigError
 
-FORMAT_VERSION = 2  # "qwen_mlx_format" stamp (2: Qwen3-VL written in transformers names, loading/layouts.py)
+FORMAT_VERSION = 3  # "qwen_mlx_format" stamp (2: Qwen3-VL written in transformers names; 3: float MoE experts
+# in the hub layout: fused for Qwen3-VL-MoE, per expert for Qwen2/3-MoE; loading/layouts.py)
 
 _ALIASES = {"num_local_experts": "num_experts"}
 VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")

@@ -18,6 +18,9 @@ looked up (plain file reads, a chunk of blocks at a time: `gguf_blocks`). Per GG
   counts (Q6_K by our decoder, the rest by `gguf.quants`).
 - Types nothing decodes (Q8_1, Q8_K, I64, F64, Q1_0) are refused up front.
 
+Kept packed (Metal / CUDA), these scales and biases stay as read when the model dtype
+cannot hold them exactly (float32 or float16 ones in a bfloat16 model: `loader._bound`).
+
 A consumer that pops every key in turn (the converter, `save_checkpoint`) holds one
 tensor at a time; `GGUFWeights.layout()` gives every shape and dtype without reading data;
 `GGUFWeights.read_all()` (what `load_model` wants) reads everything at once, through one

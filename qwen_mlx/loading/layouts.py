@@ -14,19 +14,57 @@ stamped, so the loader never has to guess which layout it holds):
   it finds the decoder's under our ``model.*`` / ``lm_head`` keys);
 - ``hub_spelling``: the config keys as the hub's checkpoints spell them where transformers 5.x
   differs (mlx-vlm checks them): ``vision_config.model_type`` is the family's own
-  (5.x: ``qwen3_vl_vision``) and ``rope_scaling`` has ``type`` beside ``rope_type``.
+  (5.x: ``qwen3_vl_vision``) and ``rope_scaling`` has ``type`` beside ``rope_type``;
+- ``experts``: how float MoE expert projections (ours: mlx-lm's stacked
+  ``mlp.switch_mlp.{gate,up,down}_proj.weight``, (E, out, in)) are written: `Fused` or
+  `PerExpert` (see there). Quantized experts always stay in the ``switch_mlp`` form, the one
+  mlx-lm / mlx-vlm read packed experts in.
 
 Qwen3-VL(-MoE) are written as transformers names them (``model.language_model.*``,
 ``model.visual.*``, ``lm_head.*``) with the hub's nested config (4.57 rope keys), which is
-what mlx-vlm 0.7.10 reads for that family; MoE experts stay in mlx-lm's
-``switch_mlp.{gate,up,down}_proj`` form, the one that holds quantized experts. mlx-vlm reads
-Qwen2(.5)-VL only in the 4.x hub layout (flat, ``model.*`` / ``visual.*``), which is ours.
+what mlx-vlm 0.7.10 reads for that family. Float Qwen3-VL-MoE experts are written as the hub
+stores them, ``experts.gate_up_proj`` (E, H, 2I) and ``experts.down_proj`` (E, I, H): mlx-vlm
+reads only that (transformers 5.x's own ``save_pretrained`` layout, (E, 2I, H), it would
+misread), and transformers transposes a tensor whose shape differs from its (E, 2I, H)
+parameter (a square one, 2I = H, it would keep as is: no released model has that shape).
+Float Qwen2/3-MoE experts are written one tensor per expert, the hub layout transformers and
+mlx-lm read. mlx-vlm reads Qwen2(.5)-VL only in the 4.x hub layout (flat, ``model.*`` /
+``visual.*``), which is ours.
 """
 
+import re
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
+
+import mlx.core as mx
+
+from ..errors import WeightsError
 
 Prefixes = Tuple[Tuple[str, str], ...]
+_MLP = r"^(model\.layers\.\d+\.mlp)\."  # an MoE block, in our names
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Float ``<mlp>.<ours[i]>`` (E, out_i, in) written as one ``<mlp>.<theirs>``: concatenated
+    along ``out``, then with the last two axes swapped (E, in, sum out), as the hub stores
+    Qwen3-VL-MoE: gate (E, I, H) + up (E, I, H) -> ``experts.gate_up_proj`` (E, H, 2I).
+    Read back by the same table: swap, then split into equal parts."""
+
+    ours: Tuple[str, ...]
+    theirs: str
+
+
+@dataclass(frozen=True)
+class PerExpert:
+    """Float ``<mlp>.<ours>`` (E, out, in) written as E tensors ``<mlp>.<theirs>`` (``{e}``
+    the expert index), e.g. ``experts.3.gate_proj.weight`` (out, in); stacked on reading."""
+
+    ours: str
+    theirs: str
+
+
+ExpertForm = Union[Fused, PerExpert]
 
 _VL_TOP = ("model_type", "architectures", "vision_config", "image_token_id", "video_token_id",
            "vision_start_token_id", "vision_end_token_id", "vision_token_id", "tie_word_embeddings",
@@ -41,6 +79,7 @@ class Layout:
     text_config: Optional[str] = None  # the nested text config's model_type; None: flat
     quant_aliases: Prefixes = ()
     hub_spelling: bool = False
+    experts: Tuple[ExpertForm, ...] = ()
 
     def write_name(self, name: str) -> str:
         return _swap(name, self.prefixes)
@@ -72,6 +111,70 @@ class Layout:
         return out
 
 
+class ExpertWriter:
+    """Our names -> the tensors ``layout.experts`` writes: `push` a tensor, get back what is
+    ready to write (a `Fused` part waits for its partners; a quantized part, or a float one
+    whose partner came quantized, is written as it is); `rest` returns what still waits."""
+
+    def __init__(self, layout: "Layout"):
+        self.forms = [(re.compile(_MLP + re.escape(p) + "$"), f, i) for f in layout.experts
+                      for i, p in enumerate(f.ours if isinstance(f, Fused) else (f.ours,))]
+        self.waiting: Dict[Tuple[str, str], Dict[int, Tuple[str, mx.array]]] = {}
+
+    def push(self, name: str, v: mx.array) -> List[Tuple[str, mx.array]]:
+        for pat, form, i in self.forms:
+            m = pat.match(name)
+            if m:
+                break
+        else:
+            return [(name, v)]
+        mlp, dense = m.group(1), mx.issubdtype(v.dtype, mx.floating)
+        if isinstance(form, PerExpert):
+            return [(f"{mlp}.{form.theirs.format(e=e)}", v[e]) for e in range(v.shape[0])] if dense else [(name, v)]
+        parts = self.waiting.setdefault((mlp, form.theirs), {})
+        if not dense or any(p is None for p in parts.values()):  # one part packed: none fused
+            out = [x for x in parts.values() if x is not None] + [(name, v)]
+            parts.update({j: None for j in range(len(form.ours))})
+            return out
+        parts[i] = (name, v)
+        if len(parts) < len(form.ours):
+            return []
+        del self.waiting[(mlp, form.theirs)]
+        w = mx.concatenate([parts[j][1] for j in range(len(form.ours))], axis=1)
+        return [(f"{mlp}.{form.theirs}", w.swapaxes(1, 2))]
+
+    def rest(self) -> List[Tuple[str, mx.array]]:
+        out = [x for parts in self.waiting.values() for x in parts.values() if x is not None]
+        self.waiting = {}
+        return out
+
+
+def read_experts(layout: "Layout", weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Undo ``layout.experts`` on our-prefixed names (lazy: slices and stacks)."""
+    out = dict(weights)
+    for form in layout.experts:
+        if isinstance(form, Fused):
+            pat = re.compile(_MLP + re.escape(form.theirs) + "$")
+            for name in [n for n in out if pat.match(n)]:
+                w, mlp, k = out.pop(name), pat.match(name).group(1), len(form.ours)
+                if w.ndim != 3 or w.shape[2] % k:
+                    raise WeightsError(f"'{name}' has shape {tuple(w.shape)}: expected (experts, in, {k} x out)")
+                for p, part in zip(form.ours, mx.split(w.swapaxes(1, 2), k, axis=1)):
+                    out[f"{mlp}.{p}"] = part
+            continue
+        pat = re.compile(_MLP + re.escape(form.theirs).replace(r"\{e\}", r"(\d+)") + "$")
+        groups: Dict[str, Dict[int, mx.array]] = {}
+        for name in [n for n in out if pat.match(n)]:
+            m = pat.match(name)
+            groups.setdefault(m.group(1), {})[int(m.group(2))] = out.pop(name)
+        for mlp, parts in groups.items():
+            if sorted(parts) != list(range(len(parts))):
+                missing = sorted(set(range(max(parts) + 1)) - set(parts))
+                raise WeightsError(f"experts missing for '{mlp}.{form.ours}': indices {missing[:8]}")
+            out[f"{mlp}.{form.ours}"] = mx.stack([parts[e] for e in range(len(parts))])
+    return out
+
+
 def _swap(name: str, prefixes: Prefixes) -> str:
     for a, b in prefixes:
         if name.startswith(a):
@@ -82,11 +185,18 @@ def _swap(name: str, prefixes: Prefixes) -> str:
 _MLX_VLM_TOWER: Prefixes = (("visual.", "vision_tower."),)
 _HF_VL: Prefixes = (("model.", "model.language_model."), ("visual.", "model.visual."))
 
+_HUB_FUSED = (Fused(("switch_mlp.gate_proj.weight", "switch_mlp.up_proj.weight"), "experts.gate_up_proj"),
+              Fused(("switch_mlp.down_proj.weight",), "experts.down_proj"))
+_PER_EXPERT = tuple(PerExpert(f"switch_mlp.{p}.weight", f"experts.{{e}}.{p}.weight")
+                    for p in ("gate_proj", "up_proj", "down_proj"))
+
 LAYOUTS: Dict[str, Layout] = {
+    "qwen2_moe": Layout(experts=_PER_EXPERT),
+    "qwen3_moe": Layout(experts=_PER_EXPERT),
     "qwen2_vl": Layout(quant_aliases=_MLX_VLM_TOWER, hub_spelling=True),
     "qwen2_5_vl": Layout(quant_aliases=_MLX_VLM_TOWER, hub_spelling=True),
     "qwen3_vl": Layout(_HF_VL, "qwen3_vl_text", _MLX_VLM_TOWER, hub_spelling=True),
-    "qwen3_vl_moe": Layout(_HF_VL, "qwen3_vl_moe_text", _MLX_VLM_TOWER, hub_spelling=True),
+    "qwen3_vl_moe": Layout(_HF_VL, "qwen3_vl_moe_text", _MLX_VLM_TOWER, hub_spelling=True, experts=_HUB_FUSED),
 }
 OURS = Layout()
 
@@ -98,4 +208,5 @@ def layout_of(cfg: dict) -> Layout:
 def read_names(cfg: dict, weights: dict) -> dict:
     """A stamped checkpoint's tensors under our names."""
     lay = layout_of(cfg)
-    return {lay.read_name(k): v for k, v in weights.items()} if lay.prefixes else weights
+    weights = {lay.read_name(k): v for k, v in weights.items()} if lay.prefixes else weights
+    return read_experts(lay, weights) if lay.experts else weights

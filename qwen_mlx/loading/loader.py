@@ -109,6 +109,55 @@ def dequantize_weights(model: nn.Module, weights: Dict[str, mx.array], dtype: mx
     return out
 
 
+def _fusable_part(w: Dict[str, mx.array], base: str, expected: Dict[str, mx.array]) -> bool:
+    """``base``'s weight is there with the model's shape (packed: its rows)."""
+    if f"{base}.weight" not in w or f"{base}.weight" not in expected:
+        return False
+    got, want = tuple(w[f"{base}.weight"].shape), tuple(expected[f"{base}.weight"].shape)
+    return got[:-1] == want[:-1] if f"{base}.scales" in w else got == want
+
+
+def _fuse_dequantized(model: nn.Module, weights: Dict[str, mx.array], dtype: mx.Dtype, cfg: dict,
+                      release: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Fusion on the dequantize path, done on the checkpoint's tensors before they are bound:
+    each q/k/v and gate/up group (models/fuse.py) becomes one float tensor. Parts packed
+    alike (same bits, group size, mode) are concatenated packed along the output rows and
+    dequantized once, straight into the fused layout (a group never spans two rows, so this
+    equals fusing the dequantized parts bit for bit, without a float copy of each part);
+    others are dequantized / cast apiece, then concatenated. The model's modules are fused to
+    match; the parts are dropped from ``release`` (the checkpoint's dict)."""
+    from ..models.fuse import fuse_projections, fusion_groups
+    from ..quant.spec import QuantSpec, dequantize
+
+    expected = dict(tree_flatten(model.parameters()))
+    out, done = dict(weights), set()
+    for path, names, fused in fusion_groups(model):
+        bases = [f"{path}.{n}" for n in names]
+        if not all(_fusable_part(out, b, expected) and (f"{b}.bias" in out) == (f"{bases[0]}.bias" in out)
+                   for b in bases):
+            continue  # missing or odd tensors: left for the checks to name
+        specs = [quant_layout(cfg, b, out[f"{b}.weight"], out[f"{b}.scales"], expected[f"{b}.weight"].shape[-1],
+                              out.get(f"{b}.biases")) if f"{b}.scales" in out else None for b in bases]
+        parts = [{k: out.pop(f"{b}.{k}") for k in ("weight", "scales", "biases", "bias") if f"{b}.{k}" in out}
+                 for b in bases]
+        for b in bases:
+            for k in ("weight", "scales", "biases", "bias"):
+                release.pop(f"{b}.{k}", None)
+        if specs[0] is not None and all(sp == specs[0] for sp in specs):
+            packed = {k: mx.concatenate([p[k] for p in parts], axis=-2) for k in ("weight", "scales", "biases")
+                      if k in parts[0]}
+            w = dequantize(packed, QuantSpec(**specs[0]), dtype)
+        else:
+            w = mx.concatenate([dequantize(p, QuantSpec(**sp), dtype) if sp else p["weight"].astype(dtype)
+                                for p, sp in zip(parts, specs)], axis=-2)
+        out[f"{path}.{fused}.weight"] = w
+        if "bias" in parts[0]:
+            out[f"{path}.{fused}.bias"] = mx.concatenate([p["bias"] for p in parts], axis=-1)
+        done.add(path)
+    fuse_projections(model, only=done)  # the freshly built model's (lazy, never evaluated) parameters
+    return out
+
+
 def _check_weights(model: nn.Module, weights: Dict[str, mx.array], where: str) -> None:
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
@@ -124,6 +173,53 @@ def _check_weights(model: nn.Module, weights: Dict[str, mx.array], where: str) -
             raise WeightsError(
                 f"{where}: tensor '{name}' has shape {tuple(w.shape)}, expected {tuple(expected[name].shape)}"
             )
+
+
+def _widens(src: mx.Dtype, dst: mx.Dtype) -> bool:
+    return src == dst or dst == mx.float32
+
+
+def _bound(name: str, v: mx.array, dtype: mx.Dtype, weights: Dict[str, mx.array]) -> mx.array:
+    """A tensor in the model dtype, except quantization scales / biases that it cannot hold
+    exactly (they stay as stored): GGUF Q4_K / Q5_K / Q5_0 / Q5_1 and GPTQ / AWQ imports carry exact
+    float32 ones (an fp16 ``d`` times a 6-bit scale: up to 17 significant bits, 8 in bfloat16),
+    GGUF Q4_0 / Q4_1 / Q8_0 float16 ones. MLX's quantized kernels take them beside half
+    activations, computing in float32; the projections cast their outputs back to the
+    activations' dtype (`_keep_output_dtype`, models/linear.py, models/decoder.py)."""
+    if not mx.issubdtype(v.dtype, mx.floating) or v.dtype == dtype:
+        return v
+    base, leaf = name.rsplit(".", 1)
+    if leaf in ("scales", "biases") and f"{base}.scales" in weights and not _widens(v.dtype, dtype):
+        return v
+    return v.astype(dtype)
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """`nn.QuantizedEmbedding` whose rows come out in ``out_dtype`` (its lookup returns the
+    scales' dtype: float32 for exact scales kept beside a half-precision model)."""
+
+    out_dtype: Optional[mx.Dtype] = None
+
+    def __call__(self, x):
+        y = super().__call__(x)
+        return y if self.out_dtype is None else y.astype(self.out_dtype)
+
+
+def _keep_output_dtype(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Quantized modules whose scales `_bound` kept wider than ``dtype`` return ``dtype``:
+    MLX's own QuantizedLinear becomes ours (models/linear.py: the output cast to the input's
+    dtype), QuantizedEmbedding the subclass above (same parameters, only the class changes)."""
+    from ..models.linear import QuantizedLinear
+
+    for _, m in model.named_modules():
+        s = m.get("scales") if "scales" in m else None
+        if s is None or not mx.issubdtype(s.dtype, mx.floating) or s.dtype == dtype:
+            continue
+        if type(m) is nn.QuantizedLinear:
+            m.__class__ = QuantizedLinear
+        elif type(m) is nn.QuantizedEmbedding:
+            m.__class__ = QuantizedEmbedding
+            m.out_dtype = dtype
 
 
 def build_model(cfg: dict) -> nn.Module:
@@ -177,7 +273,8 @@ def model_from_checkpoint(ck: Checkpoint, *, dtype: Optional[mx.Dtype] = None,
     """Build the model and bind the weights. ``dequantize`` defaults to True on the CPU
     backend, where float32 matmuls are the fast path; elsewhere weights stay quantized.
     ``fuse``: q/k/v and gate/up as one projection each (models/fuse.py; the checkpoint's
-    tensors it supersedes are dropped from ``ck.weights`` so that they are not kept)."""
+    tensors it supersedes are dropped from ``ck.weights`` so that they are not kept); when
+    dequantizing, packed parts are fused before they are dequantized (`_fuse_dequantized`)."""
     cfg, weights = ck.config, ck.weights
     if hasattr(weights, "read_all"):  # a GGUF file: every tensor at once (one mx.load where it can)
         weights.read_all()
@@ -186,6 +283,8 @@ def model_from_checkpoint(ck: Checkpoint, *, dtype: Optional[mx.Dtype] = None,
         dequantize = mx.default_device() == mx.cpu
     model = build_model(cfg)
     if dequantize:
+        if fuse:
+            weights = _fuse_dequantized(model, weights, dtype, cfg, ck.weights)
         weights = dequantize_weights(model, weights, dtype, cfg)
     elif any(n.endswith(".scales") for n in weights):  # modules whose weight the model reads
         from ..quant.plan import direct_weight_reads  # directly (not as a matmul / lookup): float
@@ -193,12 +292,10 @@ def model_from_checkpoint(ck: Checkpoint, *, dtype: Optional[mx.Dtype] = None,
     if any(n.endswith(".scales") for n in weights):
         _quantize_modules(model, weights, cfg)
     _check_weights(model, weights, ck.where)
-    weights = {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v
-        for k, v in weights.items()
-    }
+    weights = {k: _bound(k, v, dtype, weights) for k, v in weights.items()}
     model.update(tree_unflatten(list(weights.items())))
     del weights  # the model holds its arrays; fusion below supersedes some of them
+    _keep_output_dtype(model, dtype)
     if fuse:
         from ..models.fuse import fuse_projections
         fuse_projections(model, release=ck.weights)

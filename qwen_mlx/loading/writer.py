@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from ..config import FORMAT_VERSION
 from ..errors import QwenMLXError
-from .layouts import OURS, Layout, layout_of
+from .layouts import OURS, ExpertWriter, Layout, layout_of
 from .loader import Checkpoint
 
 SHARD_BYTES = 5 << 30
@@ -107,20 +107,25 @@ def _write_shard(path: Path, arrays: Dict[str, mx.array]) -> None:
 
 class ShardWriter:
     """Append tensors; a shard is written when adding one more would pass ``shard_bytes``
-    (a tensor larger than that gets a shard of its own), under the name ``layout`` gives it.
+    (a tensor larger than that gets a shard of its own), under the name ``layout`` gives it
+    (float MoE experts in the form ``layout.experts`` declares).
     `close` names the files ``model-0000i-of-0000N.safetensors`` (or ``model.safetensors``)
     and writes the index."""
 
     def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES, layout: Layout = OURS):
         self.folder, self.shard_bytes, self.layout = Path(folder), shard_bytes, layout
+        self.experts = ExpertWriter(layout)
         self.pending: Dict[str, mx.array] = {}
         self.pending_bytes = self.total_bytes = 0
         self.files: List[str] = []
         self.index: Dict[str, int] = {}
 
     def add(self, tensors: Dict[str, mx.array]) -> None:
-        mx.eval(list(tensors.values()))
-        for k, v in tensors.items():
+        self._add([x for k, v in tensors.items() for x in self.experts.push(k, v)])
+
+    def _add(self, items) -> None:
+        mx.eval([v for _, v in items])
+        for k, v in items:
             k = self.layout.write_name(k)
             if self.pending and self.pending_bytes + v.nbytes > self.shard_bytes:
                 self.flush()
@@ -139,6 +144,7 @@ class ShardWriter:
         mx.clear_cache()  # MLX keeps freed buffers for reuse: give them back per shard
 
     def close(self) -> List[str]:
+        self._add(self.experts.rest())
         self.flush()
         n = len(self.files)
         final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

@@ -16,7 +16,7 @@ arrays from the checkpoint first, so no second copy stays resident.
 
 import copy
 from itertools import accumulate
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,27 +56,36 @@ def _compatible(parts: List[nn.Module]) -> bool:
     return True
 
 
-def fuse_projections(model: nn.Module, release: Optional[Dict[str, mx.array]] = None) -> int:
-    """Fuse every compatible group in ``model`` in place; returns how many were fused.
-    ``release``: a dict of arrays (a checkpoint's) from which the superseded unfused arrays
-    are removed (by identity), so that evaluating the fused ones does not keep them."""
+def fusion_groups(model: nn.Module) -> List[Tuple[str, Tuple[str, ...], str]]:
+    """``(module path, part names, fused name)`` of every group present in ``model``."""
+    return [(path, names, fused_name) for path, module in model.named_modules()
+            for cls, names, fused_name in GROUPS if isinstance(module, cls) and all(k in module for k in names)]
+
+
+def fuse_projections(model: nn.Module, release: Optional[Dict[str, mx.array]] = None,
+                     only: Optional[Set[str]] = None) -> int:
+    """Fuse every compatible group in ``model`` in place (those at the module paths in
+    ``only``, if given); returns how many were fused. ``release``: a dict of arrays (a
+    checkpoint's) from which the superseded unfused arrays are removed (by identity), so
+    that evaluating the fused ones does not keep them."""
     superseded = set()
     n = 0
-    for _, module in model.named_modules():
-        for cls, names, fused_name in GROUPS:
-            if not isinstance(module, cls) or not all(k in module for k in names):
-                continue
-            parts = [module[k] for k in names]
-            if not _compatible(parts):
-                continue
-            fused = copy.copy(parts[0])
-            for k in parts[0].keys():
-                fused[k] = mx.concatenate([p[k] for p in parts], axis=_axis(k))
-            superseded.update(id(p[k]) for p in parts for k in p.keys())
-            for k in names:
-                del module[k]
-            module[fused_name] = fused
-            n += 1
+    modules = dict(model.named_modules())
+    for path, names, fused_name in fusion_groups(model):
+        if only is not None and path not in only:
+            continue
+        module = modules[path]
+        parts = [module[k] for k in names]
+        if not _compatible(parts):
+            continue
+        fused = copy.copy(parts[0])
+        for k in parts[0].keys():
+            fused[k] = mx.concatenate([p[k] for p in parts], axis=_axis(k))
+        superseded.update(id(p[k]) for p in parts for k in p.keys())
+        for k in names:
+            del module[k]
+        module[fused_name] = fused
+        n += 1
     if release is not None and superseded:
         for key in [k for k, v in release.items() if id(v) in superseded]:
             del release[key]
