@@ -64,7 +64,8 @@ def convert(
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help="Body bits: 2, 3, 4, 5, 6 or 8."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="32, 64 or 128 (affine)."),
     mode: Optional[str] = typer.Option(None, "--mode", help="affine | mxfp4 | nvfp4 | mxfp8."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: the source's)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 for float tensors (default: "
+                                        "the source's; GGUF: float16, bfloat16 if it has BF16 tensors)."),
     recipe: str = typer.Option("uniform", "--recipe", "-r", help="See --list-recipes."),
     keep_bits: Optional[str] = typer.Option(None, "--keep-bits",
                                             help="Extra rules, e.g. embed=8,lm_head=8,router=keep,down_proj=6/32."),
@@ -102,6 +103,8 @@ def convert(
         counts = ", ".join(f"{n} {k}" for k, n in sorted(res.plan.counts().items()))
         err.print(f"wrote {res.path} ({len(res.shards)} shard(s), {res.bytes_written / 1e6:.1f} MB, "
                   f"{res.dtype}) in {res.seconds:.1f} s — modules: {counts}")
+        for note in res.notices:
+            err.print(f"[yellow]exact:[/] {note}")
         skipped = sorted(p for p, r in res.plan.reasons.items() if "multiple" in r)
         if skipped:
             err.print(f"[yellow]kept float:[/] {len(skipped)} module(s) whose input size the group size "

@@ -2,9 +2,12 @@
 MLX / mlx-lm directory, quantized or not) -> an MLX directory mlx-lm also loads.
 
 Tensors are read lazily one at a time, dequantized if the source packed them, cast,
-quantized per the plan, and appended to the current shard, which is written when full:
-memory stays near one shard plus one tensor. Output goes through `staged_dir`, so a
-conversion killed at any moment leaves no DST.
+quantized per the plan, and appended to the current shard, which is written when full.
+A packed tensor whose spec the plan keeps (a GGUF Q4_1 at 4 bits, group 32) is copied
+as it is, its scales / biases cast only where the dtype holds them exactly (the loader's
+`_bound`), so that its weights stay the source's bit for bit. Memory stays near one
+shard plus one tensor. Output goes through `staged_dir`, so a conversion killed at any
+moment leaves no DST.
 """
 
 import time
@@ -17,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import QwenMLXError, WeightsError
 from ..loading.layouts import layout_of
-from ..loading.loader import _quant_params, build_model, load_checkpoint, resolve_model_path
+from ..loading.loader import _bound, _quant_params, build_model, load_checkpoint, resolve_model_path
 from ..loading.writer import SHARD_BYTES, ShardWriter, staged_dir, write_side_files
 from .plan import Plan, make_plan, natural_key
 from .spec import QuantizationError, QuantSpec, dequantize, packed_spec, quantize
@@ -31,7 +34,7 @@ class ConvertOptions:
     bits: Optional[int] = None
     group_size: Optional[int] = None
     mode: Optional[str] = None
-    dtype: Optional[str] = None  # None: the source's torch_dtype, else bfloat16
+    dtype: Optional[str] = None  # None: the source's (`target_dtype`)
     recipe: str = "uniform"
     keep_bits: Optional[str] = None  # "embed=8,lm_head=8"
     shard_bytes: int = SHARD_BYTES
@@ -56,12 +59,22 @@ class ConvertResult:
     bytes_written: int
     seconds: float
     errors: List[TensorError] = field(default_factory=list)
+    notices: List[str] = field(default_factory=list)
 
 
-def target_dtype(name: Optional[str], cfg: dict) -> str:
-    if name is None:  # the source's, when it is one we write
-        src = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").replace("torch.", "")
-        return src if src in DTYPES else "bfloat16"
+def target_dtype(name: Optional[str], cfg: dict, dtypes=(), gguf: bool = False) -> str:
+    """The dtype of float tensors: ``name`` (--dtype), else the source's ``torch_dtype``, else
+    the half type of its tensors (``dtypes``), a GGUF file counting as float16 (llama.cpp
+    stores F16 tensors and every block's scale fields as float16, so Q4_0 / Q4_1 / Q8_0
+    scales are written as they are): float16 unless it holds bfloat16 tensors (BF16 data
+    may exceed float16's range); bfloat16 when nothing says float16. Kept quantized
+    tensors' scales / biases may stay wider (`_convert_weight`)."""
+    if name is None:
+        src = str(cfg.get("torch_dtype") or cfg.get("dtype") or "").replace("torch.", "")
+        if src in DTYPES:
+            return src
+        halves = {d for d in dtypes if d in (mx.float16, mx.bfloat16)} | ({mx.float16} if gguf else set())
+        return "float16" if halves == {mx.float16} else "bfloat16"
     if name not in DTYPES:
         raise QuantizationError(f"unknown dtype '{name}' (use one of {', '.join(DTYPES)})")
     return name
@@ -115,17 +128,20 @@ def convert(src, dst, opts: Optional[ConvertOptions] = None, progress: Progress 
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise QwenMLXError(f"destination {dst} is (inside) the source {src}")
     ck = load_checkpoint(src)
-    dname = target_dtype(opts.dtype, ck.config)
+    layout = getattr(ck.weights, "layout", None)  # a GGUF source: shapes from its header, no data read
+    shapes = replace(ck, weights=layout()) if layout else ck
+    dname = target_dtype(opts.dtype, ck.config, {v.dtype for v in shapes.weights.values()},
+                         gguf=ck.gguf_metadata is not None)
     dtype = DTYPES[dname]
     model = build_model(ck.config)  # lazy: only shapes and module kinds are used
     expected = dict(tree_flatten(model.parameters()))
     plan = make_plan(model, recipe=opts.recipe, bits=opts.bits, group_size=opts.group_size,
                      mode=opts.mode, keep_bits=opts.keep_bits)
-    layout = getattr(ck.weights, "layout", None)  # a GGUF source: shapes from its header, no data read
-    packed = _source_layout(replace(ck, weights=layout()) if layout else ck, expected)
+    packed = _source_layout(shapes, expected)
     del model
     names = sorted(expected, key=natural_key)
     errors: List[TensorError] = []
+    wider: Dict[str, int] = {}  # scales dtype -> kept tensors whose scales ``dtype`` would round
     weights = ck.weights
     with staged_dir(dst, overwrite=opts.overwrite) as tmp:
         writer = ShardWriter(tmp, opts.shard_bytes, layout_of(ck.config))
@@ -143,6 +159,10 @@ def convert(src, dst, opts: Optional[ConvertOptions] = None, progress: Progress 
             else:
                 t = weights.pop(name)
                 out = {name: t.astype(dtype) if mx.issubdtype(t.dtype, mx.floating) else t}
+            s = out.get(f"{base}.scales")
+            if leaf == "weight" and s is not None and mx.issubdtype(s.dtype, mx.floating) and s.dtype != dtype:
+                k = str(s.dtype).rsplit(".", 1)[-1]
+                wider[k] = wider.get(k, 0) + 1
             writer.add(out)
             del out
             if progress:
@@ -157,7 +177,15 @@ def convert(src, dst, opts: Optional[ConvertOptions] = None, progress: Progress 
         if "dtype" in cfg:
             cfg["dtype"] = dname
         write_side_files(ck, src if src.is_dir() else src.parent, tmp, cfg)
-    return ConvertResult(dst, plan, dname, shards, writer.total_bytes, time.perf_counter() - t0, errors)
+    notices = [_wider_notice(wider, dname)] if wider else []
+    return ConvertResult(dst, plan, dname, shards, writer.total_bytes, time.perf_counter() - t0, errors, notices)
+
+
+def _wider_notice(wider: Dict[str, int], dname: str) -> str:
+    kinds = ", ".join(f"{n} in {k}" for k, n in sorted(wider.items()))
+    return (f"kept the scales / biases of {sum(wider.values())} quantized tensor(s) as the source stores them "
+            f"({kinds}): {dname} would round them. qwen_mlx casts those layers' outputs back to {dname}; "
+            f"in mlx-lm they come out wider (float32 once mixed with {dname})")
 
 
 def _convert_weight(weights, base: str, src_spec: Optional[QuantSpec], spec: Optional[QuantSpec],
@@ -165,9 +193,9 @@ def _convert_weight(weights, base: str, src_spec: Optional[QuantSpec], spec: Opt
     name = f"{base}.weight"
     if src_spec is not None:
         p = {k: weights.pop(f"{base}.{k}") for k in ("weight", "scales", "biases") if f"{base}.{k}" in weights}
-        if spec == src_spec:  # same layout: keep the packed data, cast the scales
-            out = {f"{base}.{k}": (v.astype(dtype) if k != "weight" and mx.issubdtype(v.dtype, mx.floating) else v)
-                   for k, v in p.items()}
+        if spec == src_spec:  # same layout: the packed data as it is; scales / biases in ``dtype``
+            named = {f"{base}.{k}": v for k, v in p.items()}  # where it holds them exactly (the loader's rule)
+            out = {k: _bound(k, v, dtype, named) for k, v in named.items()}
             err = None
             if report:
                 q = {k.rsplit(".", 1)[1]: v for k, v in out.items()}
