@@ -13,6 +13,7 @@ Measured per run, for each library's own user pipeline:
     python benchmarks/vlm.py --quick          # CPU: 4 text layers, 4 vision blocks (~5 min)
     python benchmarks/vlm.py                  # full depth (a GPU), bfloat16 unless --dtype
     python benchmarks/vlm.py --shapes qwen3-vl-2b --quick --runs 5 --json out.json
+    python benchmarks/vlm.py --quick --split  # + ours stage by stage against the matmul floor
 
 Shapes are the hub configs of Qwen2.5-VL-3B-Instruct and Qwen3-VL-2B-Instruct (text and real
 vision tower sizes, their preprocessor settings); ``--quick`` cuts only the depth.
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -193,6 +195,71 @@ def run_mlx_vlm(vm, processor, config, image: str, gen: int):
     return tokens(), lambda: last["r"].prompt_tokens
 
 
+def stage_split(llm, image: str) -> dict:
+    """One more cold run of ours with a barrier after each stage (seconds): preprocessing
+    (template, image decode / resize / patches), tower (+ embedding and M-RoPE positions),
+    prefill (all but the last prompt token, as ``generate_tokens`` runs it), first step
+    (the last token and the LM head)."""
+    from qwen_mlx.multimodal import media_prefill
+
+    t0 = time.perf_counter()
+    req = llm.prepare_request(PROMPT, images=[image])
+    t1 = time.perf_counter()
+    pc = llm.new_cache()
+    mm = media_prefill(llm.model, req.ids, req.visual, pc).embed(0)
+    mx.eval(mm.input_embeds, mm.positions, mm.deepstack or [])
+    t2 = time.perf_counter()
+    n = len(req.ids) - 1
+    llm.model(None, pc.cache, mm.input_embeds[:, :n], mm.positions[:, :, :n],
+              [d[:, :n] for d in mm.deepstack] if mm.deepstack else None)
+    mx.eval([c.state for c in pc.cache])
+    t3 = time.perf_counter()
+    mx.eval(mx.argmax(llm.model(mx.array(req.ids[-1:])[None], pc.cache)[:, -1], axis=-1))
+    t4 = time.perf_counter()
+    return {"prep_s": t1 - t0, "tower_s": t2 - t1, "prefill_s": t3 - t2, "first_step_s": t4 - t3,
+            "patches": int(np.asarray(req.visual.image_grid_thw).prod()), "grid": np.asarray(req.visual.image_grid_thw),
+            "prompt_tokens": len(req.ids)}
+
+
+def matmul_flops(model, grid, prompt_tokens: int) -> dict:
+    """Matrix-product FLOPs of our run: every tower projection (merger rows: patches / merge**2),
+    the tower's attention scores as planned (padding included), and the prefill of all but the
+    last token (its last layer needs only q/k/v: the rest is never evaluated)."""
+    import mlx.nn as nn
+
+    from qwen_mlx.vision.vit import PatchProj
+
+    def proj(m):
+        return isinstance(m, (nn.Linear, nn.QuantizedLinear, PatchProj)) or type(m).__name__ == "Linear"
+
+    vis, cfg = model.visual, model.visual.config
+    N = int(grid.prod(axis=1).sum())
+    tower = sum(2 * (N // cfg.spatial_merge_size**2 if "merger" in path else N) * m.weight.size
+                for path, m in vis.named_modules() if proj(m))
+    for plan in vis.plan_layers(grid):
+        scores = N * N if plan.kind in ("full", "mask") else plan.segments * plan.length**2
+        tower += 4 * cfg.hidden_size * scores  # q k^T and p v over all heads
+    L, a = prompt_tokens - 1, model.args
+    layers = model.layers
+    prefill = sum(2 * L * m.weight.size for layer in layers[:-1] for _, m in layer.named_modules() if proj(m))
+    prefill += sum(2 * L * m.weight.size for _, m in layers[-1].self_attn.named_modules()
+                   if proj(m) and m is not getattr(layers[-1].self_attn, "o_proj", None))
+    prefill += (len(layers) - 1) * 2 * a.num_attention_heads * a.head_dim * L * L  # causal: half of 4 L^2
+    return {"tower": tower, "prefill": prefill}
+
+
+def gemm_rate(dtype) -> float:
+    """FLOP/s of one (1296, 1280) x (1280, 3420) product (a Qwen2.5-VL tower MLP), best of 5."""
+    a, b = mx.random.normal((1296, 1280)).astype(dtype), mx.random.normal((1280, 3420)).astype(dtype)
+    mx.eval(a, b, a @ b)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        mx.eval(a @ b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * 1296 * 1280 * 3420 / best
+
+
 def measure(start, keep=False):
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -246,6 +313,17 @@ def bench_shape(name: str, a, image: str, root: Path) -> dict:
           f"x{row['ttft_ratio']:5.2f} | decode {o['decode_tps']:6.2f} vs {t['decode_tps']:6.2f} tok/s "
           f"x{row['decode_ratio']:5.2f} | peak GB {o['peak_gb']:.2f} / {t['peak_gb']:.2f} | same greedy tokens "
           f"{row['same_greedy_tokens']}", flush=True)
+    if a.split:
+        sp = stage_split(llm, image)
+        fl = matmul_flops(ours, sp.pop("grid"), sp["prompt_tokens"])
+        rate = gemm_rate(dtype)
+        row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in sp.items()},
+                   gemm_gflops=round(rate / 1e9, 1), tower_floor_s=round(fl["tower"] / rate, 4),
+                   prefill_floor_s=round(fl["prefill"] / rate, 4))
+        print(f"{'':14s} ours by stage: prep {sp['prep_s']:.3f} s | tower {sp['tower_s']:.3f} s (matmul floor "
+              f"{row['tower_floor_s']:.3f}) | prefill {sp['prefill_s']:.3f} s (floor {row['prefill_floor_s']:.3f}) | "
+              f"first step {sp['first_step_s']:.3f} s | {sp['patches']} patches, GEMM {rate / 1e9:.0f} GFLOP/s",
+              flush=True)
     del llm, ours, vm
     mx.clear_cache()
     return row
@@ -261,6 +339,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--image", help="image file (default: skimage.data.astronaut, 512x512)")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--split", action="store_true",
+                    help="also time ours stage by stage and print each stage's matrix-product floor")
     a = ap.parse_args()
     a.dtype = a.dtype or ("float32" if mx.default_device() == mx.cpu else "bfloat16")
     import mlx_vlm

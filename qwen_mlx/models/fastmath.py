@@ -35,8 +35,11 @@ Attention (`sdpa`) is ``softmax(q k^T * scale + mask) v`` with this exp, as
 masks, ``"causal"`` aligned to the last keys), in query chunks of at most ``FAST.attn_block``
 scores (they stay in cache; causal chunks skip the keys they cannot see) that alternate over
 two CPU streams (one chunk's single-threaded softmax runs beside the next one's BLAS
-products); the row sums come from a column of ones appended to v. (16, 1296, 80) heads:
-~2.5-3.5x faster than MLX's kernel. The first fast call also raises MLX's CPU buffer cache
+products); the row sums come from a column of ones appended to v. Chunks take query rows of
+all heads, or of one kv head at a time where one kv head's scores exceed the budget (larger
+products: a (1, 16, 1296, 80) ViT attention from a fused qkv output 152 vs 194 ms, 2 cores;
+25 windows of 64 keep the all-head chunks: 24 ms). (16, 1296, 80) heads: ~2.5-3.5x faster
+than MLX's kernel. The first fast call also raises MLX's CPU buffer cache
 (``FAST.cpu_cache_bytes``): with its 32 MiB default every large activation is new memory.
 """
 
@@ -63,7 +66,7 @@ def _ram() -> int:
 class FastMathOptions:
     enabled: bool = os.environ.get("QWEN_MLX_FASTMATH", "1") != "0"
     min_size: int = int(os.environ.get("QWEN_MLX_FASTMATH_MIN", "8192"))  # fewer elements (decode rows): stock op
-    attn_min: int = int(os.environ.get("QWEN_MLX_FASTMATH_MIN", 1 << 15))  # fewer scores (B H L S): MLX kernel
+    attn_min: int = int(os.environ.get("QWEN_MLX_FASTMATH_ATTN_MIN", 1 << 15))  # fewer scores (B H L S): MLX kernel
     attn_block: int = 1 << 20  # attention: score elements per query chunk (4 MiB float32)
     streams: bool = True  # attention: chunks alternate over one CPU stream per core (2 at most)
     # MLX keeps at most 32 MiB of freed buffers on the CPU backend, so every new activation of
@@ -290,15 +293,18 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
 _NEG = float(mx.finfo(mx.float32).min)  # a masked score (MLX: boolean masks, fully masked rows average)
 
 
-def _mask_part(mask: mx.array, B: int, Hk: int, rep: int, L: int, S: int, a: int, b: int, keys: int):
-    """The additive mask of query rows a:b and keys :keys, shaped for scores (B, Hk, rep, b-a, keys)."""
+def _mask_part(mask: mx.array, Hk: int, rep: int, L: int, S: int, h: slice, a: int, b: int, keys: int):
+    """The additive mask of kv heads ``h``, query rows a:b and keys :keys, shaped for scores
+    (B, heads, rep, b-a, keys)."""
     m = mask.reshape((1,) * (4 - mask.ndim) + mask.shape) if mask.ndim < 4 else mask
     if m.shape[-2] == L:
         m = m[..., a:b, :]
     if m.shape[-1] == S:
         m = m[..., :keys]
-    mb, mh = m.shape[0], m.shape[1]
-    m = m.reshape(mb, Hk, rep, *m.shape[-2:]) if mh == Hk * rep and mh > 1 else m[:, :, None]
+    if m.shape[1] == Hk * rep and m.shape[1] > 1:
+        m = m.reshape(m.shape[0], Hk, rep, *m.shape[-2:])[:, h]
+    else:
+        m = m[:, :, None]
     if m.dtype == mx.bool_:
         return mx.where(m, 0.0, _NEG)
     return m.astype(mx.float32)
@@ -317,30 +323,41 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float,
             or (mask is not None and not causal and mask.ndim > 4)):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     rep = H // Hk
+    per_head = B * rep * L * S  # scores of one kv head (its query heads) over all rows
+    if per_head > FAST.attn_block:  # large heads: query-row slices of one kv head (the largest products)
+        rows, groups = max(1, FAST.attn_block // (B * rep * S)), [slice(h, h + 1) for h in range(Hk)]
+    else:  # small heads (windows, short prompts): query-row slices of all heads
+        rows, groups = max(1, min(L, FAST.attn_block // (B * H * S))), [slice(0, Hk)]
+    chunks = [(h, a, min(L, a + rows)) for h in groups for a in range(0, L, rows)]
     q = (q * scale).reshape(B, Hk, rep, L, D)
     kt = mx.contiguous(k.swapaxes(-1, -2))  # BLAS: (L, D) x (D, S) beats the transposed view
     v1 = mx.concatenate([v, mx.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)  # last column: row sums
-    rows = max(1, min(L, FAST.attn_block // max(1, B * H * S)))
-    streams = _streams() if FAST.streams and rows < L else []
+    streams = _streams() if FAST.streams and len(chunks) > 1 else []
     outs = []
-    for i, a in enumerate(range(0, L, rows)):
-        b = min(L, a + rows)
+    for i, (h, a, b) in enumerate(chunks):
         with mx.stream(streams[i % len(streams)]) if streams else nullcontext():
-            outs.append(_chunk(q, kt, v1, mask, causal, a, b, B, H, Hk, rep, L, S, D))
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+            outs.append(_chunk(q, kt, v1, mask, causal, h, a, b, Hk, rep, L, S, D))
+    if len(outs) == 1:
+        return outs[0].reshape(B, H, L, D)
+    n = (L + rows - 1) // rows  # row chunks per head group
+    parts = [mx.concatenate(outs[j:j + n], axis=3) if n > 1 else outs[j] for j in range(0, len(outs), n)]
+    out = mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    return out.reshape(B, H, L, D)
 
 
-def _chunk(q, kt, v1, mask, causal, a, b, B, H, Hk, rep, L, S, D):
-    """Attention of query rows a:b."""
+def _chunk(q, kt, v1, mask, causal, h, a, b, Hk, rep, L, S, D):
+    """Attention of kv heads ``h`` (their query heads) and query rows a:b: (B, heads, rep, b-a, D)."""
     keys = S - L + b if causal else S
-    s = q[:, :, :, a:b].reshape(B, Hk, rep * (b - a), D) @ (kt[..., :keys] if keys < S else kt)
+    qc = q[:, h, :, a:b]
+    B, nh = qc.shape[:2]
+    s = qc.reshape(B, nh, rep * (b - a), D) @ (kt[:, h, :, :keys] if keys < S else kt[:, h])
     bias = None
     if causal and S - L + a + 1 < keys:  # the chunk's last rows see keys the first do not
         i = mx.arange(a, b)[:, None] + (S - L)
         bias = mx.where(mx.arange(keys)[None] > i, _NEG, 0.0)
     elif mask is not None and not causal:
-        bias = _mask_part(mask, B, Hk, rep, L, S, a, b, keys)
+        bias = _mask_part(mask, Hk, rep, L, S, h, a, b, keys)
     if bias is not None:
-        s = (s.reshape(B, Hk, rep, b - a, keys) + bias).reshape(B, Hk, rep * (b - a), keys)
-    o = _exp_shifted(s) @ (v1[:, :, :keys] if keys < S else v1)
-    return (o[..., :D] * (1.0 / o[..., D:])).reshape(B, H, b - a, D)
+        s = (s.reshape(B, nh, rep, b - a, keys) + bias).reshape(B, nh, rep * (b - a), keys)
+    o = _exp_shifted(s) @ (v1[:, h, :keys] if keys < S else v1[:, h])
+    return (o[..., :D] * (1.0 / o[..., D:])).reshape(B, nh, rep, b - a, D)

@@ -31,7 +31,6 @@ import numpy as np
 
 from ..errors import ConfigError, VisionInputError
 from ..models import fastmath
-from ..models.mrope import apply_rotary
 from .inputs import TowerOutput
 
 
@@ -146,12 +145,20 @@ def patch_positions(grid: np.ndarray, merge: int) -> np.ndarray:
 
 def rotary_angles(pos: np.ndarray, head_dim: int, theta: float) -> np.ndarray:
     """Axial 2-D RoPE: the first quarter of the frequencies read the row, the second the
-    column, and the half is repeated (rotate-half layout): (N, head_dim) float32."""
+    column: (N, head_dim / 2) float32, the angles of both halves (rotate-half layout)."""
     half = head_dim // 2
     inv = (1.0 / (theta ** (np.arange(0, half, 2, dtype=np.float32) / half))).astype(np.float32)
     f = pos.astype(np.float32)[:, :, None] * inv  # (N, 2, head_dim / 4)
-    f = f.reshape(len(pos), -1)
-    return np.concatenate([f, f], axis=-1)
+    return f.reshape(len(pos), -1)
+
+
+@mx.compile
+def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate-half RoPE, ``x * [cos, cos] + [-x2, x1] * [sin, sin]`` for x = [x1, x2] (..., D)
+    and half-width ``cos`` / ``sin`` (..., D / 2): one fused kernel per half, no rotated copy."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def frame_segments(grid: np.ndarray) -> np.ndarray:
@@ -204,7 +211,7 @@ class AttnPlan:
 class GridPlan:
     """Host-computed constants for one tower call."""
 
-    cos: mx.array  # (N, 1, head_dim)
+    cos: mx.array  # (N, 1, 1, head_dim / 2): broadcast over q / k and the heads
     sin: mx.array
     layers: List[AttnPlan]  # one per block (shared objects)
     extra: Dict[str, mx.array] = field(default_factory=dict)  # family constants
@@ -262,10 +269,8 @@ class VisionAttention(nn.Module):
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, plan: AttnPlan) -> mx.array:
         N, D = x.shape
         qkv = self.qkv(x).reshape(N, 3, self.num_heads, -1)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q = apply_rotary(q.astype(mx.float32), cos, sin).astype(v.dtype)  # HF rotates in float32
-        k = apply_rotary(k.astype(mx.float32), cos, sin).astype(v.dtype)
-        return self.proj(attention(q, k, v, plan, self.scale))
+        qk = rotate(qkv[:, :2].astype(mx.float32), cos, sin).astype(qkv.dtype)  # HF rotates in float32
+        return self.proj(attention(qk[:, 0], qk[:, 1], qkv[:, 2], plan, self.scale))
 
 
 class VisionBlock(nn.Module):
@@ -316,7 +321,7 @@ class VisionTower(nn.Module):
     def plan_grid(self, grid: np.ndarray) -> GridPlan:
         cfg = self.config
         pos = patch_positions(grid, cfg.spatial_merge_size)
-        ang = mx.array(rotary_angles(pos, cfg.head_dim, cfg.rope_theta))[:, None, :]
+        ang = mx.array(rotary_angles(pos, cfg.head_dim, cfg.rope_theta))[:, None, None, :]
         return GridPlan(mx.cos(ang), mx.sin(ang), self.plan_layers(grid), self.plan_extra(grid, pos))
 
     def __call__(self, pixel_values, grid_thw) -> TowerOutput:

@@ -184,6 +184,22 @@ def test_window_gather_and_its_inverse():
     assert sorted(np.bincount(np.arange(len(gather)) // 16, weights=valid).astype(int)) == sorted(sizes * 4)
 
 
+def test_rotate_half_width_equals_rotate_half():
+    """`rotate` with half-width cos / sin (broadcast over q / k and heads) is the rotate-half
+    RoPE of the text decoder (mrope.apply_rotary) with both halves repeated, bit for bit."""
+    from qwen_mlx.models.mrope import apply_rotary
+    from qwen_mlx.vision.vit import rotary_angles, rotate
+
+    rng = np.random.default_rng(4)
+    x = mx.array(rng.standard_normal((12, 2, 3, 16)).astype(np.float32))
+    ang = mx.array(rotary_angles(patch_positions(np.array([[1, 4, 6]]), 2)[:12] + 3, 16, 10000.0))
+    assert ang.shape == (12, 8)
+    c, s = mx.cos(ang)[:, None, None], mx.sin(ang)[:, None, None]
+    ref = apply_rotary(x, mx.concatenate([c, c], -1), mx.concatenate([s, s], -1))
+    assert mx.array_equal(rotate(x, c, s), ref)
+    assert not mx.array_equal(rotate(x, c, s), rotate(x, s, c))
+
+
 def test_auto_plan_choice():
     one = frame_segments(np.array([[1, 8, 8]]))
     assert AttnPlan.build(np.arange(64), one).kind == "full"
