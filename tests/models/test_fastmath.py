@@ -147,7 +147,8 @@ def test_softmax(forced):
 
 def test_cpu_buffer_cache_raised_once_never_lowered(forced):
     big = mx.random.normal((64, 256), key=mx.random.key(10))
-    saved = mx.set_cache_limit(32 << 20)
+    saved, keep = mx.set_cache_limit(32 << 20), fm.FAST.keep_freed
+    fm.FAST.keep_freed = False  # without glibc's reuse (or off): a raised buffer cache
     try:
         fm._cache_raised = False
         mx.eval(fm.silu(big))
@@ -155,6 +156,31 @@ def test_cpu_buffer_cache_raised_once_never_lowered(forced):
         fm._cache_raised = False
         mx.eval(fm.silu(big))
         assert mx.set_cache_limit(32 << 20) == 8 << 30  # a larger limit stays
+    finally:
+        mx.set_cache_limit(saved)
+        fm.FAST.keep_freed = keep
+
+
+def test_freed_memory_reused_for_a_new_size(forced):
+    """With glibc keeping freed memory, a buffer of a new size reuses a freed larger one
+    instead of faulting fresh pages in (MLX's own cache: only the same size)."""
+    resource = pytest.importorskip("resource")
+    if not fm._keep_freed_memory():
+        pytest.skip("not glibc")
+    saved = mx.set_cache_limit(0)  # every freed buffer goes back to malloc
+    try:
+        fm._cache_raised = False
+        mx.eval(fm.silu(mx.random.normal((64, 256), key=mx.random.key(11))))
+        assert mx.set_cache_limit(0) == 0  # MLX's cache limit left alone
+        a = mx.full((12 << 20,), 1.0)  # 48 MiB, faulted in
+        mx.eval(a)
+        del a
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        b = mx.full((11 << 20,), 2.0)  # 44 MiB: a new size, no new pages
+        mx.eval(b)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        assert faults < 1000, faults  # ~11k fresh 4 KiB pages without the reuse
+        assert b[-1].item() == 2.0
     finally:
         mx.set_cache_limit(saved)
 
