@@ -48,7 +48,17 @@ class MRoPE:
         return mx.cos(emb), mx.sin(emb)
 
 
+@mx.compile
+def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate-half RoPE, ``x * [cos, cos] + [-x2, x1] * [sin, sin]`` for x = [x1, x2] (..., D)
+    and half-width ``cos`` / ``sin`` (..., D / 2): one fused kernel per half, no rotated copy."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
 def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """`rotate` with full-width ``cos`` / ``sin`` (both halves repeated, as M-RoPE builds them)."""
     h = x.shape[-1] // 2
     rot = mx.concatenate([-x[..., h:], x[..., :h]], axis=-1)
     return x * cos.astype(x.dtype) + rot * sin.astype(x.dtype)

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import ConfigError, VisionInputError
 from ..models import fastmath
+from ..models.mrope import rotate
 from .inputs import TowerOutput
 
 
@@ -150,15 +151,6 @@ def rotary_angles(pos: np.ndarray, head_dim: int, theta: float) -> np.ndarray:
     inv = (1.0 / (theta ** (np.arange(0, half, 2, dtype=np.float32) / half))).astype(np.float32)
     f = pos.astype(np.float32)[:, :, None] * inv  # (N, 2, head_dim / 4)
     return f.reshape(len(pos), -1)
-
-
-@mx.compile
-def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate-half RoPE, ``x * [cos, cos] + [-x2, x1] * [sin, sin]`` for x = [x1, x2] (..., D)
-    and half-width ``cos`` / ``sin`` (..., D / 2): one fused kernel per half, no rotated copy."""
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def frame_segments(grid: np.ndarray) -> np.ndarray:
